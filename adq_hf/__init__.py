@@ -1,0 +1,28 @@
+"""adq_hf: distribution-aware, mixed-precision quantization for timm and transformers models.
+
+``import adq_hf`` registers the ``"adq"`` quantization method with transformers and lets
+``timm.create_model`` take ``quantization_config=``.
+"""
+
+__version__ = "0.1.0"
+
+from .config import ADQConfig
+from .nn import QuantConv2d, QuantLinear, quantized_layers
+from .surgery import average_weight_bits, bit_map, calibrate_activations, quantize_model
+from .integrations import timm as _timm_integration
+from .integrations.timm import create_model, save_pretrained
+
+_timm_integration.install()
+
+__all__ = [
+    "ADQConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "average_weight_bits",
+    "bit_map",
+    "calibrate_activations",
+    "create_model",
+    "save_pretrained",
+    "quantize_model",
+    "quantized_layers",
+]

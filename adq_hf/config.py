@@ -1,0 +1,180 @@
+"""``ADQConfig``: what to quantize and how, as a transformers quantization config.
+
+The same object drives timm, transformers and the recipes, and is written to ``config.json`` as
+``quantization_config`` so a checkpoint says how to rebuild itself. Every field is validated here,
+once, with an error naming the field and its allowed values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Dict, List, Optional
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .quantizers import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
+
+QUANT_METHOD = "adq"
+BITS_RANGE = range(2, 9)
+# Named in the roadmap; selecting one before it exists gives a clear "not available yet" error.
+PLANNED_WEIGHT_QUANTIZERS = ("post",)
+PLANNED_ACTIVATION_QUANTIZERS = ("asq",)
+GRANULARITIES = ("per_tensor", "per_channel")
+CODEBOOK_INITS = ("quantile", "uniform")
+CODEBOOK_UPDATES = ("ema", "static")
+
+
+def _check_bits(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value not in BITS_RANGE:
+        allowed = "an integer from 2 to 8" + (" or None" if allow_none else "")
+        raise ValueError(f"ADQConfig.{name}={value!r} is invalid: expected {allowed}.")
+
+
+def _check_choice(name: str, value, choices, planned=()) -> None:
+    if value in planned:
+        raise ValueError(
+            f"ADQConfig.{name}={value!r} is planned but not available in this version; "
+            f"choose one of {sorted(choices)}."
+        )
+    if value not in choices:
+        raise ValueError(f"ADQConfig.{name}={value!r} is invalid: expected one of {sorted(choices)}.")
+
+
+def _check_patterns(name: str, patterns) -> None:
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"ADQConfig.{name} entries must be module names or regexes (str), got {pattern!r}.")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"ADQConfig.{name} entry {pattern!r} is not a valid regex: {err}.") from None
+
+
+class ADQConfig(QuantizationConfigMixin):
+    """Configuration of ADQ quantization (``quant_method="adq"``).
+
+    Args:
+        weight_bits: default bits of quantized weights (2-8).
+        activation_bits: bits of layer inputs; ``None`` keeps activations in float (weight-only).
+        weight_quantizer: ``"adq"`` (codebook, quantile init + EMA) or ``"lsq"`` (uniform, learned step).
+        activation_quantizer: ``"n2uq"`` (learned thresholds, uniform levels) or ``"lsq"``.
+        layer_bits: ``{module name or regex: bits}``; the first full match wins, over every default
+            (a mixed-precision bit map; the allocator writes it here).
+        modules_to_not_convert: module names or regexes kept in float (a name also covers its children).
+        first_layer_bits / last_layer_bits: bits of the model's first layer (stem conv / patch embed)
+            and classifier; ``None`` keeps them in float. Their input quantizer uses the same bits.
+        granularity: one codebook/step per tensor (``"per_tensor"``) or per output channel.
+        codebook_init: ``"quantile"`` (ADQ) or ``"uniform"`` (ablation).
+        codebook_update: ``"ema"`` (ADQ online adaptation) or ``"static"`` (ablation).
+        ema_decay: EMA decay ``m`` in ``c <- m c + (1 - m) mean``, in (0, 1).
+        ema_update_interval: optimiser steps between codebook updates (>= 1).
+        target_avg_bits: a parameter-weighted average weight-bit budget for mixed precision; the
+            allocation turns it into ``layer_bits`` from calibration data.
+    """
+
+    def __init__(
+        self,
+        weight_bits: int = 4,
+        activation_bits: Optional[int] = None,
+        weight_quantizer: str = "adq",
+        activation_quantizer: str = "n2uq",
+        layer_bits: Optional[Dict[str, int]] = None,
+        modules_to_not_convert: Optional[List[str]] = None,
+        first_layer_bits: Optional[int] = 8,
+        last_layer_bits: Optional[int] = 8,
+        granularity: str = "per_tensor",
+        codebook_init: str = "quantile",
+        codebook_update: str = "ema",
+        ema_decay: float = 0.99,
+        ema_update_interval: int = 1,
+        target_avg_bits: Optional[float] = None,
+        quant_method: str = QUANT_METHOD,
+        **kwargs: Any,
+    ):
+        if kwargs:
+            raise ValueError(
+                f"ADQConfig got unknown field(s) {sorted(kwargs)}; known fields: {sorted(self._field_names())}."
+            )
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"ADQConfig.quant_method={quant_method!r} is invalid: expected {QUANT_METHOD!r}.")
+        self.quant_method = QUANT_METHOD
+        self.weight_bits = weight_bits
+        self.activation_bits = activation_bits
+        self.weight_quantizer = weight_quantizer
+        self.activation_quantizer = activation_quantizer
+        self.layer_bits = dict(layer_bits or {})
+        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.first_layer_bits = first_layer_bits
+        self.last_layer_bits = last_layer_bits
+        self.granularity = granularity
+        self.codebook_init = codebook_init
+        self.codebook_update = codebook_update
+        self.ema_decay = ema_decay
+        self.ema_update_interval = ema_update_interval
+        self.target_avg_bits = target_avg_bits
+        self.post_init()
+
+    @classmethod
+    def _field_names(cls):
+        import inspect
+
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+
+    def post_init(self) -> None:
+        """Validate every field (also called by transformers after construction)."""
+        _check_bits("weight_bits", self.weight_bits)
+        _check_bits("activation_bits", self.activation_bits, allow_none=True)
+        _check_bits("first_layer_bits", self.first_layer_bits, allow_none=True)
+        _check_bits("last_layer_bits", self.last_layer_bits, allow_none=True)
+        _check_choice("weight_quantizer", self.weight_quantizer, WEIGHT_QUANTIZERS, PLANNED_WEIGHT_QUANTIZERS)
+        _check_choice(
+            "activation_quantizer", self.activation_quantizer, ACTIVATION_QUANTIZERS, PLANNED_ACTIVATION_QUANTIZERS
+        )
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("codebook_init", self.codebook_init, CODEBOOK_INITS)
+        _check_choice("codebook_update", self.codebook_update, CODEBOOK_UPDATES)
+        if not isinstance(self.layer_bits, dict):
+            raise ValueError(f"ADQConfig.layer_bits must be a dict {{module name or regex: bits}}, got {self.layer_bits!r}.")
+        _check_patterns("layer_bits", self.layer_bits)
+        for pattern, bits in self.layer_bits.items():
+            _check_bits(f"layer_bits[{pattern!r}]", bits)
+        _check_patterns("modules_to_not_convert", self.modules_to_not_convert)
+        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) or not 0 < self.ema_decay < 1:
+            raise ValueError(f"ADQConfig.ema_decay={self.ema_decay!r} is invalid: expected a number in (0, 1).")
+        self.ema_decay = float(self.ema_decay)
+        if isinstance(self.ema_update_interval, bool) or not isinstance(self.ema_update_interval, int) or self.ema_update_interval < 1:
+            raise ValueError(
+                f"ADQConfig.ema_update_interval={self.ema_update_interval!r} is invalid: expected an integer >= 1."
+            )
+        if self.target_avg_bits is not None:
+            if isinstance(self.target_avg_bits, bool) or not isinstance(self.target_avg_bits, (int, float)) or not (
+                BITS_RANGE.start <= self.target_avg_bits <= BITS_RANGE.stop - 1
+            ):
+                raise ValueError(
+                    f"ADQConfig.target_avg_bits={self.target_avg_bits!r} is invalid: expected None or a number from 2 to 8."
+                )
+            self.target_avg_bits = float(self.target_avg_bits)
+
+    def to_dict(self) -> Dict[str, Any]:
+        names = ["quant_method"] + [n for n in self._field_names() if n != "quant_method"]
+        return {name: json.loads(json.dumps(getattr(self, name))) for name in names}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ADQConfig) and self.to_dict() == other.to_dict()
+
+    def bits_for(self, name: str) -> Optional[int]:
+        """Bits from ``layer_bits`` for module ``name`` (first full match), else ``None``."""
+        for pattern, bits in self.layer_bits.items():
+            if name == pattern or re.fullmatch(pattern, name):
+                return bits
+        return None
+
+    def is_excluded(self, name: str) -> bool:
+        """Whether ``modules_to_not_convert`` keeps module ``name`` (or a parent of it) in float."""
+        for pattern in self.modules_to_not_convert:
+            if name == pattern or name.startswith(pattern + ".") or re.fullmatch(pattern, name):
+                return True
+        return False

@@ -1,0 +1,91 @@
+"""LSQ (Esser et al., 2020): uniform quantization with a learned step size, for weights and
+activations. The baseline every adq_hf benchmark compares against."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import (
+    ActivationQuantizer,
+    WeightQuantizer,
+    grad_scale,
+    register_activation_quantizer,
+    register_weight_quantizer,
+    round_ste,
+)
+
+
+def signed_range(bits: int):
+    """Integer range of a signed b-bit uniform quantizer: ``[-2**(b-1), 2**(b-1) - 1]``."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+@register_weight_quantizer("lsq")
+class LSQWeightQuantizer(WeightQuantizer):
+    """Signed uniform levels ``k * step``; one step per tensor or per output channel."""
+
+    def __init__(self, bits: int, num_groups: int = 1):
+        super().__init__(bits)
+        self.qmin, self.qmax = signed_range(bits)
+        self.step = nn.Parameter(torch.ones(num_groups, 1))
+
+    @classmethod
+    def from_config(cls, config, bits: int, weight_shape) -> "LSQWeightQuantizer":
+        return cls(bits, num_groups=weight_shape[0] if config.granularity == "per_channel" else 1)
+
+    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(self.step.shape[0], -1)
+
+    @torch.no_grad()
+    def init_from(self, weight: torch.Tensor) -> None:
+        rows = self._rows(weight.detach().float())
+        step = 2 * rows.abs().mean(dim=1, keepdim=True) / math.sqrt(self.qmax)
+        self.step.copy_(step.clamp(min=1e-8))
+
+    def levels(self) -> torch.Tensor:
+        ints = torch.arange(self.qmin, self.qmax + 1, device=self.step.device, dtype=self.step.dtype)
+        return self.step.detach() * ints
+
+    def encode(self, weight: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(weight.detach())
+        ints = torch.clamp(torch.round(rows / self.step.detach()), self.qmin, self.qmax)
+        return (ints - self.qmin).long().reshape(weight.shape)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        ints = codes.reshape(self.step.shape[0], -1).to(self.step.dtype) + self.qmin
+        return (ints * self.step.detach()).reshape(codes.shape)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(weight)
+        step = grad_scale(self.step, 1.0 / math.sqrt(rows.shape[1] * self.qmax))
+        ints = torch.clamp(round_ste(rows / step), self.qmin, self.qmax)
+        return (ints * step).reshape(weight.shape).to(weight.dtype)
+
+
+@register_activation_quantizer("lsq")
+class LSQActivationQuantizer(ActivationQuantizer):
+    """Uniform activation levels ``k * step``; unsigned after ReLU, signed otherwise (first batch)."""
+
+    def __init__(self, bits: int):
+        super().__init__(bits)
+        self.step = nn.Parameter(torch.ones(()))
+
+    def int_range(self):
+        return signed_range(self.bits) if bool(self.signed) else (0, 2**self.bits - 1)
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        self.signed.fill_(bool(x.min() < 0))
+        qmax = self.int_range()[1]
+        self.step.copy_((2 * x.abs().mean() / math.sqrt(qmax)).clamp(min=1e-8))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            self.init_from(x)
+        qmin, qmax = self.int_range()
+        step = grad_scale(self.step, 1.0 / math.sqrt(x.numel() * qmax))
+        return torch.clamp(round_ste(x / step), qmin, qmax) * step

@@ -1,0 +1,74 @@
+"""N2UQ (Liu et al., CVPR 2022): non-uniform input thresholds, uniform integer output levels.
+
+The input axis is cut into ``n = 2**bits - 1`` learnable intervals ``d_1..d_n`` starting at
+``start``: edges ``L_0 = start``, ``L_i = L_{i-1} + d_i``. The threshold of interval ``i`` is its
+midpoint, so thresholds are sorted by construction (``d_i = |raw_i| + eps > 0``), whatever the
+optimiser does. The output is ``scale * (zero_point + number of thresholds passed)``: uniform
+integers for the hardware. Backward is the generalized straight-through estimator: inside
+interval ``i`` the output moves linearly by one level over the interval, slope ``scale / d_i``,
+which also gives gradients to ``start``, every ``d_i`` and ``scale``.
+
+Signed form (inputs that can be negative): integers ``-2**(b-1) .. 2**(b-1)-1``; unsigned (after
+ReLU): ``0 .. 2**b - 1``. Chosen from the first batch. Initialisation makes the quantizer equal to
+a uniform quantizer with LSQ's initial step ``2 mean|x| / sqrt(Qp)``; training then moves the
+thresholds apart.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import ActivationQuantizer, grad_scale, register_activation_quantizer, straight_through
+
+_EPS = 1e-6
+
+
+@register_activation_quantizer("n2uq")
+class N2UQActivationQuantizer(ActivationQuantizer):
+    def __init__(self, bits: int):
+        super().__init__(bits)
+        n = 2**bits - 1
+        self.start = nn.Parameter(torch.zeros(()))
+        self.raw_intervals = nn.Parameter(torch.ones(n))
+        self.scale = nn.Parameter(torch.ones(()))
+
+    @property
+    def zero_point(self) -> int:
+        """Integer level of inputs below the first threshold."""
+        return -(2 ** (self.bits - 1)) if bool(self.signed) else 0
+
+    def intervals(self) -> torch.Tensor:
+        return self.raw_intervals.abs() + _EPS
+
+    def thresholds(self) -> torch.Tensor:
+        """Sorted input thresholds ``T_1 < ... < T_n`` (midpoints of the intervals)."""
+        d = self.intervals()
+        return self.start + torch.cumsum(d, 0) - d / 2
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        self.signed.fill_(bool(x.min() < 0))
+        qmax = 2**self.bits - 1 + self.zero_point
+        step = float((2 * x.abs().mean() / math.sqrt(qmax)).clamp(min=1e-8))
+        self.scale.fill_(step)
+        self.raw_intervals.fill_(step)
+        self.start.fill_(step * self.zero_point)
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            self.init_from(x)
+        n = self.raw_intervals.numel()
+        g = 1.0 / math.sqrt(x.numel() * n)
+        start, scale = grad_scale(self.start, g), grad_scale(self.scale, g)
+        d = grad_scale(self.raw_intervals, g).abs() + _EPS
+        lower_edges = start + torch.cumsum(d, 0) - d  # L_0 .. L_{n-1}
+        # j: index of the interval x falls in (0 below the range, n-1 above it)
+        j = torch.searchsorted(lower_edges[1:].detach().contiguous(), x.detach().contiguous(), right=True)
+        frac = torch.clamp((x - lower_edges[j]) / d[j], 0.0, 1.0)
+        passed = (frac >= 0.5).to(x.dtype)
+        level = j.to(x.dtype) + straight_through(passed, frac)
+        return scale * (level + self.zero_point)

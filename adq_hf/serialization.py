@@ -1,0 +1,145 @@
+"""Quantized state dicts <-> packed safetensors (format: docs/format.md).
+
+A quantized layer's float ``weight`` is replaced by ``<layer>.weight_codes`` (packed b-bit codes,
+uint8) next to its quantizer state (codebook / step / thresholds); every other tensor is stored
+as is. The safetensors header carries the format name, version and per-layer shape and bits, so a
+file is checked against the model before anything is loaded. Only safetensors is ever read: no
+pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from .nn import quantized_layers
+from .packing import pack_codes, packed_size, unpack_codes
+
+FORMAT_NAME = "adq_hf"
+FORMAT_VERSION = "1"
+CODES_SUFFIX = "weight_codes"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model or is not an adq_hf checkpoint."""
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+@torch.no_grad()
+def quantized_state_dict(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The packed state dict of a quantized model and its safetensors metadata."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    layers = {}
+    for name, layer in quantized_layers(model):
+        weight = state.pop(_prefix(name) + "weight")
+        codes = layer.weight_quantizer.encode(weight)
+        state[_prefix(name) + CODES_SUFFIX] = pack_codes(codes.cpu(), layer.weight_bits)
+        layers[name] = {"shape": list(weight.shape), "bits": layer.weight_bits, "dtype": str(weight.dtype)}
+    if not layers:
+        raise CheckpointError("the model has no quantized layer: quantize it with adq_hf.quantize_model first.")
+    state = {k: v.contiguous().cpu() for k, v in state.items()}
+    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layers": json.dumps(layers, sort_keys=True)}
+    return state, metadata
+
+
+def _check_metadata(metadata, source: str) -> Dict[str, dict]:
+    if not metadata or metadata.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{source} is not an adq_hf quantized checkpoint (no '{FORMAT_NAME}' format tag in its header); "
+            "load a float checkpoint with quantization_config=ADQConfig(...) to quantize it instead."
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} has adq_hf format version {metadata.get('format_version')!r}; this adq_hf reads "
+            f"version {FORMAT_VERSION}: upgrade adq_hf."
+        )
+    return json.loads(metadata["layers"])
+
+
+@torch.no_grad()
+def load_quantized_state_dict(
+    model: nn.Module, state: Dict[str, torch.Tensor], metadata: Dict[str, str], source: str = "checkpoint"
+) -> None:
+    """Load a packed state dict into a model already converted with the same config. Strict."""
+    layers = _check_metadata(metadata, source)
+    state = dict(state)
+    model_layers = dict(quantized_layers(model))
+    if set(layers) != set(model_layers):
+        missing, extra = sorted(set(model_layers) - set(layers)), sorted(set(layers) - set(model_layers))
+        raise CheckpointError(
+            f"{source} does not match the model's quantized layers (missing in file: {missing[:5]}, "
+            f"not in model: {extra[:5]}): the model must be built with the checkpoint's quantization_config."
+        )
+    decoded = {}
+    for name, layer in model_layers.items():
+        info, weight = layers[name], layer.latent_weight()
+        if list(weight.shape) != info["shape"] or layer.weight_bits != info["bits"]:
+            raise CheckpointError(
+                f"{source}: layer {name!r} is stored as {info['bits']}-bit {info['shape']}, but the model "
+                f"expects {layer.weight_bits}-bit {list(weight.shape)}: the config or architecture differs."
+            )
+        key = _prefix(name) + CODES_SUFFIX
+        packed = state.pop(key, None)
+        if packed is None:
+            raise CheckpointError(f"{source} lacks {key!r}.")
+        if packed.numel() != packed_size(weight.numel(), info["bits"]):
+            raise CheckpointError(f"{source}: {key!r} has {packed.numel()} bytes, expected "
+                                  f"{packed_size(weight.numel(), info['bits'])}: the file is damaged.")
+        decoded[name] = unpack_codes(packed, info["bits"], weight.numel()).reshape(weight.shape)
+    result = model.load_state_dict(state, strict=False)
+    expected_missing = {_prefix(n) + "weight" for n in model_layers}
+    missing = sorted(set(result.missing_keys) - expected_missing)
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{source} does not match the model: missing {missing[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}."
+        )
+    for name, layer in model_layers.items():  # quantizer state is loaded now: decode with it
+        weight = layer.latent_weight()
+        weight.copy_(layer.weight_quantizer.decode(decoded[name].to(weight.device)).to(weight.dtype))
+
+
+def save_file(model: nn.Module, path: str) -> None:
+    """Write the packed checkpoint atomically (a crash never leaves a half-written file behind)."""
+    from safetensors.torch import save_file as st_save
+
+    state, metadata = quantized_state_dict(model)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    st_save(state, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Read a safetensors checkpoint with clear errors for pickle files and damaged files."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist.")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path} is a pickle (torch.save) file; adq_hf only loads safetensors, which cannot run code. "
+            "Convert it with safetensors.torch.save_file(state_dict, 'model.safetensors')."
+        )
+    try:
+        tensors = {}
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is damaged or truncated ({err}); download or save it again.") from None
+    return tensors, metadata
+
+
+def load_file(model: nn.Module, path: str) -> None:
+    tensors, metadata = read_file(path)
+    load_quantized_state_dict(model, tensors, metadata, source=path)
