@@ -6,6 +6,7 @@
 
 __version__ = "0.1.0"
 
+from . import models  # noqa: F401  (registers resnet20_cifar with timm)
 from .config import ADQConfig
 from .nn import QuantConv2d, QuantLinear, quantized_layers
 from .surgery import average_weight_bits, bit_map, calibrate_activations, quantize_model

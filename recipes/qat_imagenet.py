@@ -1,0 +1,366 @@
+#!/usr/bin/env python
+"""Quantization-aware training with knowledge distillation (the ADQ protocol), on Accelerate.
+
+    accelerate launch recipes/qat_imagenet.py --config recipes/configs/fmnist_resnet20_w2a2.yaml
+    python recipes/qat_imagenet.py --config ... --set optim.epochs=2 data.batch_size=64 --resume latest
+
+Stages: (1) the full-precision teacher: loaded from ``teacher.checkpoint``, or trained once by this
+recipe and cached; (2) the student starts from the teacher's weights, is quantized with the
+``quantization`` section (an ``ADQConfig``; mixed precision when ``target_avg_bits`` is set), and
+trained with KD + CE; (3) ``adq_hf.save_pretrained`` writes the quantized checkpoint and bit report.
+See recipes/README.md for CPU / GPU / multi-node use and what each config reproduces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+
+import yaml
+
+DEFAULTS = {
+    "seed": 0,
+    "output_dir": "outputs/qat",
+    "cache_dir": None,  # teacher cache; default ~/.cache/adq_hf
+    "model": {"name": "resnet20_cifar", "checkpoint": None, "pretrained": False, "num_classes": 10, "in_chans": 1,
+              "kwargs": {}},
+    "teacher": {"name": None, "checkpoint": "auto", "epochs": 2, "lr": 0.1},
+    "data": {"source": "fashion_mnist", "train_split": "train", "eval_split": "test", "batch_size": 128,
+             "eval_batch_size": 256, "num_workers": 0, "augment": "simple", "input_size": None, "mean": None,
+             "std": None, "train_limit": None, "eval_limit": None},
+    "quantization": {"weight_bits": 4, "activation_bits": 4},
+    "calibration": {"num_batches": 4},
+    "distill": {"kd_weight": 1.0, "ce_weight": 0.5, "temperature": 2.0},
+    "optim": {"optimizer": "sgd", "epochs": 1, "lr": 0.01, "quantizer_lr": 0.001, "weight_decay": 5e-5,
+              "momentum": 0.9, "warmup_steps": 50, "grad_accum": 1, "clip_grad": 5.0, "max_steps": None,
+              "mixed_precision": "no", "checkpoint_every": 200, "checkpoint_limit": 2, "log_every": 50},
+}
+
+
+class RecipeError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def merge(base: dict, override: dict, path: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        where = f"{path}{key}"
+        if key not in base:
+            raise RecipeError(f"unknown config key {where!r}; known keys here: {sorted(base)}")
+        if isinstance(base[key], dict) and key not in ("quantization", "kwargs"):
+            if not isinstance(value, dict):
+                raise RecipeError(f"config key {where!r} must be a mapping")
+            out[key] = merge(base[key], value, where + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path, overrides) -> dict:
+    config = copy.deepcopy(DEFAULTS)
+    if path:
+        if not os.path.isfile(path):
+            raise RecipeError(f"config file {path} does not exist")
+        with open(path) as fh:
+            config = merge(config, yaml.safe_load(fh) or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key.sub=value")
+        dotted, raw = item.split("=", 1)
+        nested = yaml.safe_load(raw)
+        for part in reversed(dotted.split(".")):
+            nested = {part: nested}
+        config = merge(config, nested)
+    return config
+
+
+def data_settings(config: dict, model) -> dict:
+    """timm's data config for the model, with the recipe's overrides (grey images need their own stats)."""
+    import timm.data
+
+    data = config["data"]
+    resolved = timm.data.resolve_data_config({}, model=model)
+    if data["input_size"]:
+        resolved["input_size"] = tuple(data["input_size"])
+    in_chans = resolved["input_size"][0]
+    if data["mean"]:
+        resolved["mean"], resolved["std"] = tuple(data["mean"]), tuple(data["std"])
+    elif len(resolved["mean"]) != in_chans:
+        grey = in_chans == 1
+        resolved["mean"] = (0.2860,) if grey else resolved["mean"][:1] * in_chans
+        resolved["std"] = (0.3530,) if grey else resolved["std"][:1] * in_chans
+    return resolved
+
+
+def build_transforms(config: dict, resolved: dict):
+    import numpy as np
+    import timm.data
+    from PIL import Image
+    from torchvision import transforms as T
+
+    size = resolved["input_size"][1:]
+    mode = "L" if resolved["input_size"][0] == 1 else "RGB"
+    normalize = [T.ToTensor(), T.Normalize(resolved["mean"], resolved["std"])]
+    augment = config["data"]["augment"]
+    if augment == "imagenet":
+        train = timm.data.create_transform(**resolved, is_training=True)
+        evaluation = timm.data.create_transform(**resolved, is_training=False)
+    elif augment in ("simple", "none"):
+        steps = [T.Resize(size)]
+        if augment == "simple":
+            steps += [T.RandomCrop(size, padding=max(size[0] // 14, 1)), T.RandomHorizontalFlip()]
+        train = T.Compose(steps + normalize)
+        evaluation = T.Compose([T.Resize(size)] + normalize)
+    else:
+        raise RecipeError(f"data.augment={augment!r} is invalid: expected 'simple', 'imagenet' or 'none'")
+
+    def to_pil(img):
+        return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8))
+
+    def wrap(transform):
+        def apply(batch):
+            images = [transform(to_pil(img).convert(mode)) for img in batch["image"]]
+            return {"pixel_values": images, "label": batch["label"]}
+
+        return apply
+
+    return wrap(train), wrap(evaluation)
+
+
+def collate(samples):
+    import torch
+
+    return torch.stack([s["pixel_values"] for s in samples]), torch.tensor([s["label"] for s in samples])
+
+
+def build_loaders(config: dict, resolved: dict, seed: int):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from adq_hf.data import load_image_dataset
+
+    data = config["data"]
+    try:
+        train_ds = load_image_dataset(data["source"], data["train_split"])
+        eval_ds = load_image_dataset(data["source"], data["eval_split"])
+    except (FileNotFoundError, ValueError) as err:
+        raise RecipeError(f"data.source={data['source']!r}: {err}") from None
+    if data["train_limit"]:
+        train_ds = train_ds.shuffle(seed=seed).select(range(min(int(data["train_limit"]), len(train_ds))))
+    if data["eval_limit"]:
+        eval_ds = eval_ds.select(range(min(int(data["eval_limit"]), len(eval_ds))))
+    train_tf, eval_tf = build_transforms(config, resolved)
+    train_ds.set_transform(train_tf)
+    eval_ds.set_transform(eval_tf)
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(num_workers=data["num_workers"], collate_fn=collate)
+    train_loader = DataLoader(train_ds, batch_size=data["batch_size"], shuffle=True, drop_last=True,
+                              generator=generator, **common)
+    eval_loader = DataLoader(eval_ds, batch_size=data["eval_batch_size"], shuffle=False, **common)
+    calib_loader = DataLoader(train_ds.with_transform(eval_tf), batch_size=data["batch_size"], shuffle=False, **common)
+    return train_loader, eval_loader, calib_loader
+
+
+def create_float_model(config: dict, name=None):
+    import timm
+
+    import adq_hf  # noqa: F401  (registers resnet20_cifar and the quantization hooks)
+
+    spec = config["model"]
+    name = name or spec["name"]
+    try:
+        return timm.create_model(name, pretrained=bool(spec["pretrained"]), num_classes=spec["num_classes"],
+                                 in_chans=spec["in_chans"], **spec["kwargs"])
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise RecipeError(f"model.name={name!r} is not a timm model: {err}") from None
+        raise
+
+
+def load_float_weights(model, path: str) -> None:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise RecipeError(f"checkpoint {path} does not exist")
+    if not path.endswith(".safetensors"):
+        raise RecipeError(f"checkpoint {path}: only .safetensors files are loaded (pickle files can run code)")
+    model.load_state_dict(load_file(path))
+
+
+def teacher_cache_path(config: dict) -> str:
+    spec = {k: config[k] for k in ("model", "seed")}
+    spec.update(teacher=config["teacher"], data={k: config["data"][k] for k in
+                                                 ("source", "train_split", "train_limit", "augment", "batch_size")})
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    root = config["cache_dir"] or os.path.join(os.path.expanduser("~"), ".cache", "adq_hf")
+    name = config["teacher"]["name"] or config["model"]["name"]
+    return os.path.join(root, "teachers", f"{name}-{digest}.safetensors")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML file (recipes/configs/*.yaml)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--output-dir", help="overrides output_dir")
+    parser.add_argument("--resume", nargs="?", const="latest", help="'latest' (default) or a checkpoint folder")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.set)
+        if args.output_dir:
+            config["output_dir"] = args.output_dir
+        return run(config, args.resume)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(config: dict, resume=None) -> int:
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+    from safetensors.torch import save_file
+
+    import adq_hf
+    from adq_hf.training import TrainSettings, evaluate_topk, train
+
+    try:
+        qconfig = adq_hf.ADQConfig(**config["quantization"])
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"quantization: {err}") from None
+    out = config["output_dir"]
+    optim = config["optim"]
+    trackers = ["tensorboard"] if _has_tensorboard() else []
+    accelerator = Accelerator(
+        gradient_accumulation_steps=optim["grad_accum"],
+        mixed_precision=_mixed_precision(optim["mixed_precision"]),
+        log_with=trackers or None,
+        project_dir=out,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if trackers:
+        accelerator.init_trackers("qat", config={"recipe": json.dumps(config)})
+    set_seed(config["seed"])
+    log_path = os.path.join(out, "metrics.jsonl")
+    if accelerator.is_main_process:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "recipe_config.yaml"), "w") as fh:
+            yaml.safe_dump(config, fh, sort_keys=False)
+
+    def log(record):
+        if accelerator.is_main_process:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    common = dict(grad_accum=optim["grad_accum"], clip_grad=optim["clip_grad"], max_steps=optim["max_steps"],
+                  checkpoint_limit=optim["checkpoint_limit"], log_every=optim["log_every"],
+                  optimizer=optim["optimizer"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+
+    # 1. full-precision teacher
+    teacher = create_float_model(config, config["teacher"]["name"])
+    resolved = data_settings(config, teacher)
+    train_loader, eval_loader, calib_loader = build_loaders(config, resolved, config["seed"])
+    teacher_path = config["teacher"]["checkpoint"]
+    if teacher_path == "auto":
+        teacher_path = teacher_cache_path(config)
+        if not os.path.isfile(teacher_path):
+            accelerator.print(f"training the full-precision teacher ({config['teacher']['epochs']} epochs), "
+                              f"cached at {teacher_path}")
+            settings = TrainSettings(epochs=config["teacher"]["epochs"], lr=config["teacher"]["lr"],
+                                     warmup_steps=optim["warmup_steps"], ce_weight=1.0, kd_weight=0.0,
+                                     **{**common, "max_steps": optim["max_steps"]})
+            teacher, _ = train(accelerator, teacher, train_loader, eval_loader, settings,
+                               os.path.join(out, "teacher"), log=log, stage="teacher")
+            if accelerator.is_main_process:
+                os.makedirs(os.path.dirname(teacher_path), exist_ok=True)
+                save_file({k: v.contiguous().cpu() for k, v in teacher.state_dict().items()}, teacher_path + ".tmp")
+                os.replace(teacher_path + ".tmp", teacher_path)
+            accelerator.wait_for_everyone()
+    if teacher_path:
+        load_float_weights(teacher, teacher_path)
+    teacher = teacher.to(accelerator.device).eval()
+    fp_metrics = evaluate_topk(teacher, accelerator.prepare_data_loader(eval_loader), accelerator)
+    accelerator.free_memory()
+    accelerator.print(f"full-precision teacher: top1 {fp_metrics['top1']:.4f}")
+
+    # 2. quantized student, initialised from the teacher (or its own checkpoint)
+    student = create_float_model(config)
+    if config["model"]["checkpoint"]:
+        load_float_weights(student, config["model"]["checkpoint"])
+    elif teacher_path and (config["teacher"]["name"] in (None, config["model"]["name"])):
+        load_float_weights(student, teacher_path)
+    calibration = [batch for _, batch in zip(range(config["calibration"]["num_batches"]), calib_loader)]
+    adq_hf.quantize_model(student, qconfig, calibration_data=calibration)
+    settings = TrainSettings(epochs=optim["epochs"], lr=optim["lr"], quantizer_lr=optim["quantizer_lr"],
+                             warmup_steps=optim["warmup_steps"], checkpoint_every=optim["checkpoint_every"],
+                             kd_weight=config["distill"]["kd_weight"], ce_weight=config["distill"]["ce_weight"],
+                             temperature=config["distill"]["temperature"], **common)
+    student, metrics = train(accelerator, student, train_loader, eval_loader, settings, out,
+                             teacher=teacher, resume=resume, log=log, stage="qat")
+
+    # 3. the quantized checkpoint, its bit report and a results summary
+    from accelerate.utils import gather_object
+
+    digests = gather_object([state_digest(student)])  # every rank's weights and quantizer state
+    avg_bits = adq_hf.average_weight_bits(student)
+    results = {"fp_top1": fp_metrics["top1"], "fp_top5": fp_metrics.get("top5"), "top1": metrics["top1"],
+               "top5": metrics.get("top5"), "average_weight_bits": avg_bits,
+               "epoch_time_s": [h["epoch_time_s"] for h in metrics["history"]],
+               "num_processes": accelerator.num_processes, "rank_state_digests": digests,
+               "bit_map": adq_hf.bit_map(student), "quantization_config": qconfig.to_dict()}
+    if accelerator.is_main_process:
+        final = os.path.join(out, "final")
+        adq_hf.save_pretrained(student, final)
+        _write_bit_report(student, final)
+        with open(os.path.join(out, "results.json"), "w") as fh:
+            json.dump(results, fh, indent=2)
+    accelerator.wait_for_everyone()
+    accelerator.print(
+        f"FP top-1 {100 * fp_metrics['top1']:.2f}% | quantized top-1 {100 * metrics['top1']:.2f}% | "
+        f"average weight bits {avg_bits:.2f} | checkpoint {os.path.join(out, 'final')}"
+    )
+    accelerator.end_training()
+    return 0
+
+
+def state_digest(model) -> str:
+    """SHA-256 of every tensor in the state dict: equal digests mean identical weights and quantizers."""
+    import torch
+
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_bit_report(model, directory: str) -> None:
+    try:
+        from adq_hf.mixed_precision import write_report
+    except ImportError:
+        return
+    write_report(model, None, directory)
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _mixed_precision(value: str) -> str:
+    import torch
+
+    if value == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if value not in ("no", "bf16", "fp16"):
+        raise RecipeError(f"optim.mixed_precision={value!r} is invalid: expected 'no', 'bf16', 'fp16' or 'auto'")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
