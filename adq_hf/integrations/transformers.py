@@ -1,0 +1,91 @@
+"""transformers glue: the ``"adq"`` quantization method in transformers' official registry.
+
+``AutoModel*.from_pretrained(..., quantization_config=ADQConfig(...))`` quantizes a float checkpoint
+(codebooks initialised from the loaded weights); a checkpoint saved by ``save_pretrained`` carries
+``quantization_config`` and packed codes and loads back pre-quantized. All model surgery is
+``adq_hf.quantize_model``; this file only maps transformers' hooks onto it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from ..config import QUANT_METHOD, ADQConfig
+from ..nn import quantized_layers
+from ..packing import packed_size, unpack_codes
+from ..serialization import CODES_SUFFIX, CheckpointError, quantized_state_dict
+from ..surgery import quantize_model
+
+
+class ADQHfQuantizer(HfQuantizer):
+    """Quantizes on load (QAT-ready: ``is_trainable`` and ``is_qat_trainable``) and saves packed codes."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: ADQConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+
+    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+        config = self.quantization_config
+        if keep_in_fp32_modules:
+            config.modules_to_not_convert = sorted(set(config.modules_to_not_convert) | set(keep_in_fp32_modules))
+        quantize_model(model, config, init_from_weights=False)
+        # Keys this quantizer fills in itself after loading: not "missing" for transformers' report.
+        ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+        for name, layer in quantized_layers(model):
+            prefix = re.escape(name)
+            if self.pre_quantized:
+                shape = (packed_size(layer.latent_weight().numel(), layer.weight_bits),)
+                layer.register_buffer(CODES_SUFFIX, torch.empty(shape, dtype=torch.uint8, device="meta"))
+                ignore.add(rf"(^|\.){prefix}\.weight$")
+            else:
+                ignore.add(rf"(^|\.){prefix}\.(weight_quantizer|input_quantizer)\.")
+        model._keys_to_ignore_on_load_missing = sorted(ignore)
+        return model
+
+    @torch.no_grad()
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for name, layer in quantized_layers(model):
+            weight = layer.latent_weight()
+            if self.pre_quantized:
+                packed = layer._buffers.pop(CODES_SUFFIX)
+                if packed.device.type == "meta":
+                    raise CheckpointError(f"the checkpoint has no {name}.{CODES_SUFFIX}: it is damaged or not an adq_hf checkpoint.")
+                codes = unpack_codes(packed.cpu(), layer.weight_bits, weight.numel()).reshape(weight.shape)
+                weight.copy_(layer.weight_quantizer.decode(codes.to(weight.device)).to(weight.dtype))
+            else:  # float checkpoint: quantizer state was created empty; initialise it now
+                layer.weight_quantizer.init_from(weight)
+                if layer.input_quantizer is not None:
+                    layer.input_quantizer.initialized.fill_(False)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        return quantized_state_dict(model)
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False  # quantization happens in the modules, not per loaded tensor
+
+
+def register() -> None:
+    """Register ``"adq"`` with transformers (idempotent: re-import and reload are harmless)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not ADQConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(ADQConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not ADQHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(ADQHfQuantizer)
