@@ -285,7 +285,9 @@ def run(config: dict, resume=None) -> int:
     accelerator.free_memory()
     accelerator.print(f"full-precision teacher: top1 {fp_metrics['top1']:.4f}")
 
-    # 2. quantized student, initialised from the teacher (or its own checkpoint)
+    # 2. quantized student, initialised from the teacher (or its own checkpoint). Reseed: the QAT
+    # run must not depend on whether the teacher was just trained (RNG consumed) or loaded.
+    set_seed(config["seed"] + 1)
     student = create_float_model(config)
     if config["model"]["checkpoint"]:
         load_float_weights(student, config["model"]["checkpoint"])
@@ -312,7 +314,7 @@ def run(config: dict, resume=None) -> int:
                "bit_map": adq_hf.bit_map(student), "quantization_config": qconfig.to_dict()}
     if accelerator.is_main_process:
         final = os.path.join(out, "final")
-        adq_hf.save_pretrained(student, final)
+        adq_hf.save_pretrained(student, final, data_config=resolved)
         _write_bit_report(student, final)
         with open(os.path.join(out, "results.json"), "w") as fh:
             json.dump(results, fh, indent=2)

@@ -20,13 +20,13 @@ pytestmark = pytest.mark.slow
 def tiny(tmp_path, out, batch_size=32, **extra):
     settings = {
         "cache_dir": str(tmp_path / "cache"),
-        "teacher.epochs": 1,
-        "data.train_limit": 512,
+        "teacher.epochs": 2,
+        "data.train_limit": 1024,
         "data.eval_limit": 256,
         "data.batch_size": batch_size,
         "optim.epochs": 2,
         "optim.warmup_steps": 2,
-        "optim.checkpoint_every": 4,
+        "optim.checkpoint_every": 8,
         "optim.log_every": 2,
         "calibration.num_batches": 1,
     }
@@ -57,8 +57,17 @@ def results(out):
 
 
 def test_two_ranks_match_single_process(tmp_path):
-    two = tmp_path / "two"
-    proc = run_two_ranks(tiny(tmp_path, two, batch_size=16))
+    w4a4 = {"quantization.weight_bits": 4, "quantization.activation_bits": 4}  # W2A2 on 64 steps is too noisy
+    one = tmp_path / "one"
+    proc = run_single(tiny(tmp_path, one, batch_size=32, **w4a4))  # trains and caches the teacher
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FP top-1" in proc.stdout and "average weight bits" in proc.stdout
+    single = results(one)
+    assert single["num_processes"] == 1
+    (teacher,) = (tmp_path / "cache" / "teachers").glob("*.safetensors")
+
+    two = tmp_path / "two"  # same teacher, same global batch (2 x 16)
+    proc = run_two_ranks(tiny(tmp_path, two, batch_size=16, **w4a4, **{"teacher.checkpoint": str(teacher)}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = results(two)
     assert res["num_processes"] == 2
@@ -68,31 +77,28 @@ def test_two_ranks_match_single_process(tmp_path):
     with open(two / "metrics.jsonl") as fh:
         epochs = [json.loads(line) for line in fh if '"top1"' in line and '"qat"' in line]
     assert [r["epoch"] for r in epochs] == [0, 1]
+    assert res["fp_top1"] == single["fp_top1"]  # the same teacher evaluated on the same 256 images
+    assert res["top1"] == pytest.approx(single["top1"], abs=0.05), (res["top1"], single["top1"], res["fp_top1"])
     # the saved checkpoint loads back quantized
     import timm
 
-    import adq_hf  # noqa: F401
+    import adq_hf
 
     model = timm.create_model(f"local-dir:{two / 'final'}")
-    assert len(adq_hf.quantized_layers(model)) > 10
-
-    one = tmp_path / "one"
-    proc = run_single(tiny(tmp_path, one, batch_size=32))  # same global batch
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    single = results(one)
-    assert single["num_processes"] == 1
-    assert single["fp_top1"] == pytest.approx(res["fp_top1"], abs=0.02)  # same cached teacher, same eval set
-    assert single["top1"] == pytest.approx(res["top1"], abs=0.08)
-    assert "FP top-1" in proc.stdout and "average weight bits" in proc.stdout
+    assert len(adq_hf.quantized_layers(model)) == 22
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    # Without random augmentation a resumed run is the uninterrupted run exactly (tested below). With it,
+    # the data loader's base seed is drawn from the global RNG when iteration restarts, so the crops
+    # after a mid-epoch resume differ (documented in recipes/README.md).
+    w4a4 = {"quantization.weight_bits": 4, "quantization.activation_bits": 4, "data.augment": "none"}
     ref = tmp_path / "ref"
-    proc = run_single(tiny(tmp_path, ref))
+    proc = run_single(tiny(tmp_path, ref, **w4a4))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     out = tmp_path / "killed"
-    args = tiny(tmp_path, out)
+    args = tiny(tmp_path, out, **w4a4)
     child = subprocess.Popen([sys.executable, RECIPE, *args], env=env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     pointer = out / "checkpoints" / "latest"
@@ -110,7 +116,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
     resumed, reference = results(out), results(ref)
-    assert resumed["top1"] == pytest.approx(reference["top1"], abs=0.03)
+    # same seed, data order, optimizer, RNG and quantizer state restored: the same run (1 image of slack)
+    assert resumed["top1"] == pytest.approx(reference["top1"], abs=1 / 256 + 1e-9), (resumed["top1"], reference["top1"])
 
 
 @pytest.mark.parametrize(

@@ -108,11 +108,14 @@ def _as_config(config) -> ADQConfig:
     raise TypeError(f"quantization_config must be an adq_hf.ADQConfig or a dict, got {type(config).__name__}.")
 
 
-def save_pretrained(model: nn.Module, save_directory: str, model_config: Optional[dict] = None) -> None:
+def save_pretrained(
+    model: nn.Module, save_directory: str, model_config: Optional[dict] = None, data_config: Optional[dict] = None
+) -> None:
     """Write a quantized timm model as ``config.json`` + packed ``model.safetensors``.
 
     The layout is timm's ``save_for_hf``; ``config.json`` has a top-level ``quantization_config``,
     and ``num_classes`` only at the top level (in ``model_args`` it breaks transformers' TimmWrapper).
+    ``data_config`` (timm's ``input_size``/``mean``/``std``/...) records the preprocessing used.
     """
     from timm.models._hub import save_config_for_hf
     from transformers import PreTrainedModel
@@ -128,7 +131,7 @@ def save_pretrained(model: nn.Module, save_directory: str, model_config: Optiona
     extra = dict(model_config or {})
     extra["quantization_config"] = config.to_dict()
     config_path = os.path.join(save_directory, "config.json")
-    save_config_for_hf(model, config_path + ".tmp", model_config=extra)
+    save_config_for_hf(model, config_path + ".tmp", model_config=extra, data_config=data_config)
     with open(config_path + ".tmp") as fh:
         hf_config = json.load(fh)
     hf_config.get("model_args", {}).pop("num_classes", None)

@@ -93,7 +93,10 @@ class CodebookWeightQuantizer(WeightQuantizer):
         self.adapt = bool(adapt)
         self.register_buffer("codebook", torch.zeros(num_groups, 2**bits))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        self._seen_steps = 0
+        # optimiser steps seen (saved, so a resumed run keeps the update_interval phase)
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        # weight version at the last forward; None after a load: the checkpoint was taken right
+        # after an optimiser step, so the first training forward counts as a new step
         self._last_version: Optional[int] = None
 
     @classmethod
@@ -134,14 +137,11 @@ class CodebookWeightQuantizer(WeightQuantizer):
         if not (self.training and self.adapt and torch.is_grad_enabled()):
             return
         version = weight._version
-        if self._last_version is None:
-            self._last_version = version
-            return
         if version == self._last_version:
             return
         self._last_version = version
-        self._seen_steps += 1
-        if self._seen_steps % self.update_interval == 0:
+        self.num_steps += 1
+        if int(self.num_steps) % self.update_interval == 0:
             self.ema_update(weight)
 
     def levels(self) -> torch.Tensor:
