@@ -105,7 +105,7 @@ class ADQConfig(QuantizationConfigMixin):
         self.activation_bits = activation_bits
         self.weight_quantizer = weight_quantizer
         self.activation_quantizer = activation_quantizer
-        self.layer_bits = dict(layer_bits or {})
+        self.layer_bits = dict(layer_bits) if isinstance(layer_bits, dict) else (layer_bits or {})
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.first_layer_bits = first_layer_bits
         self.last_layer_bits = last_layer_bits
