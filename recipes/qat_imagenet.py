@@ -28,7 +28,7 @@ DEFAULTS = {
     "cache_dir": None,  # teacher cache; default ~/.cache/adq_hf
     "model": {"name": "resnet20_cifar", "checkpoint": None, "pretrained": False, "num_classes": 10, "in_chans": 1,
               "kwargs": {}},
-    "teacher": {"name": None, "checkpoint": "auto", "epochs": 2, "lr": 0.1},
+    "teacher": {"name": None, "checkpoint": "auto", "epochs": 2, "lr": 0.1, "max_steps": None},
     "data": {"source": "fashion_mnist", "train_split": "train", "eval_split": "test", "batch_size": 128,
              "eval_batch_size": 256, "num_workers": 0, "augment": "simple", "input_size": None, "mean": None,
              "std": None, "train_limit": None, "eval_limit": None},
@@ -221,7 +221,7 @@ def run(config: dict, resume=None) -> int:
                               f"cached at {teacher_path}")
             settings = TrainSettings(epochs=config["teacher"]["epochs"], lr=config["teacher"]["lr"],
                                      warmup_steps=optim["warmup_steps"], ce_weight=1.0, kd_weight=0.0,
-                                     **{**common, "max_steps": optim["max_steps"]})
+                                     **{**common, "max_steps": config["teacher"]["max_steps"]})
             teacher, _ = train(accelerator, teacher, train_loader, eval_loader, settings,
                                os.path.join(out, "teacher"), log=log, stage="teacher")
             if accelerator.is_main_process:

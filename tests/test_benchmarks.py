@@ -1,0 +1,32 @@
+"""Benchmarks' quick tier: they run and write well-formed results (timings are not asserted)."""
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def test_step_time_quick_tier(tmp_path):
+    import step_time
+
+    assert step_time.main(["--tier", "quick", "--out", str(tmp_path)]) == 0
+    result = json.load(open(tmp_path / "step_time_quick.json"))
+    assert set(result["median_step_s"]) == set(step_time.METHODS)
+    assert result["ratio_to_fp"]["fp"] == 1.0 and all(v > 0 for v in result["median_step_s"].values())
+    assert (tmp_path / "step_time_quick.md").read_text().startswith("| method")
+
+
+def test_qat_accuracy_quick_tier(tmp_path):
+    import qat_accuracy
+
+    args = ["--tier", "quick", "--work-dir", str(tmp_path / "runs"), "--out", str(tmp_path),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert qat_accuracy.main(args) == 0
+    result = json.load(open(tmp_path / "qat_accuracy_quick.json"))
+    assert set(result["rows"]) == set(qat_accuracy.ROWS)
+    for row in result["rows"].values():
+        assert 0 <= row["top1"] <= 1 and 0 <= row["fp_top1"] <= 1 and len(row["epoch_time_s"]) == 1
+    assert result["rows"]["mixed2.8"]["average_weight_bits"] <= 2.8
+    assert "| w2a2 |" in (tmp_path / "qat_accuracy_quick.md").read_text()
