@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """B1 (first rows): Fashion-MNIST ResNet-20 accuracy against bits, every row under one budget.
 
-    python benchmarks/qat_accuracy.py --tier standard [--rows w2a2 w3a3 mixed2.8 w4a4] [--epochs 1]
+    python benchmarks/qat_accuracy.py --tier standard [--rows w2a2 w2a3 w3a3 mixed2.8 w4a4] [--epochs 1]
 
 Each row runs ``recipes/qat_imagenet.py`` with its ``recipes/configs/fmnist_resnet20_*.yaml``
 and the same overrides (teacher epochs, QAT epochs, seed), so every row shares one cached FP
@@ -21,6 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = {
     "w2a2": "fmnist_resnet20_w2a2.yaml",
+    "w2a3": "fmnist_resnet20_w2a3.yaml",
     "w3a3": "fmnist_resnet20_w3a3.yaml",
     "mixed2.8": "fmnist_resnet20_mixed2.8.yaml",
     "w4a4": "fmnist_resnet20_w4a4.yaml",
