@@ -42,7 +42,8 @@ def _read_idx(path: str, offset: int) -> np.ndarray:
 
 
 def load_fashion_mnist(split: str = "train"):
-    """The full Fashion-MNIST split (60,000 train / 10,000 test grey 28x28 images, ``image`` as uint8 arrays)."""
+    """The full Fashion-MNIST split (60,000 train / 10,000 test grey 28x28 PIL images, 10 classes):
+    Debian's ``dataset-fashion-mnist`` when installed, else the Hub copy."""
     import datasets
 
     if split not in _FASHION_MNIST_FILES:
@@ -59,12 +60,15 @@ def load_fashion_mnist(split: str = "train"):
     images_path, labels_path = files[split]
     images = _read_idx(images_path, 16).reshape(-1, 28, 28)
     labels = _read_idx(labels_path, 8).astype(np.int64)
-    # uint8 arrays, not PNG-encoded images: building 60,000 rows takes about a second instead of 15
+    # An Image feature (PIL, like the Hub copy) stored as binary PGM: header + raw pixels needs no
+    # compression, so 60,000 rows build in about a second (PNG encoding takes about 10 s).
+    header = b"P5\n28 28\n255\n"
     features = datasets.Features({
-        "image": datasets.Array2D(shape=(28, 28), dtype="uint8"),
+        "image": datasets.Image(),
         "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES),
     })
-    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    encoded = [{"bytes": header + img.tobytes(), "path": None} for img in images]
+    return datasets.Dataset.from_dict({"image": encoded, "label": labels}, features=features)
 
 
 def _standardise(ds):

