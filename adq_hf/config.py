@@ -39,7 +39,7 @@ def _check_choice(name: str, value, choices, planned=()) -> None:
             f"ADQConfig.{name}={value!r} is planned but not available in this version; "
             f"choose one of {sorted(choices)}."
         )
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:  # (an unhashable value must not raise TypeError)
         raise ValueError(f"ADQConfig.{name}={value!r} is invalid: expected one of {sorted(choices)}.")
 
 
@@ -106,7 +106,11 @@ class ADQConfig(QuantizationConfigMixin):
         self.weight_quantizer = weight_quantizer
         self.activation_quantizer = activation_quantizer
         self.layer_bits = dict(layer_bits) if isinstance(layer_bits, dict) else (layer_bits or {})
-        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        # a list/tuple is copied; anything else (a bare string, a number) is kept for post_init to reject
+        self.modules_to_not_convert = (
+            list(modules_to_not_convert) if isinstance(modules_to_not_convert, (list, tuple))
+            else [] if modules_to_not_convert is None else modules_to_not_convert
+        )
         self.first_layer_bits = first_layer_bits
         self.last_layer_bits = last_layer_bits
         self.granularity = granularity
@@ -141,6 +145,11 @@ class ADQConfig(QuantizationConfigMixin):
         _check_patterns("layer_bits", self.layer_bits)
         for pattern, bits in self.layer_bits.items():
             _check_bits(f"layer_bits[{pattern!r}]", bits)
+        if not isinstance(self.modules_to_not_convert, list):
+            raise ValueError(
+                f"ADQConfig.modules_to_not_convert must be a list of module names or regexes, "
+                f"got {self.modules_to_not_convert!r}."
+            )
         _check_patterns("modules_to_not_convert", self.modules_to_not_convert)
         if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) or not 0 < self.ema_decay < 1:
             raise ValueError(f"ADQConfig.ema_decay={self.ema_decay!r} is invalid: expected a number in (0, 1).")
@@ -161,6 +170,15 @@ class ADQConfig(QuantizationConfigMixin):
     def to_dict(self) -> Dict[str, Any]:
         names = ["quant_method"] + [n for n in self._field_names() if n != "quant_method"]
         return {name: json.loads(json.dumps(getattr(self, name))) for name in names}
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """JSON of :meth:`to_dict` with keys in field order, not sorted: ``layer_bits`` is "first match
+        wins", so sorting its keys (the mixin's ``sort_keys=True``) could change which bits a layer gets."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def to_json_file(self, json_file_path) -> None:
+        with open(json_file_path, "w", encoding="utf-8") as writer:
+            writer.write(self.to_json_string())
 
     def __eq__(self, other) -> bool:
         return isinstance(other, ADQConfig) and self.to_dict() == other.to_dict()

@@ -94,7 +94,10 @@ def load_quantized_state_dict(
             raise CheckpointError(f"{source}: {key!r} has {packed.numel()} bytes, expected "
                                   f"{packed_size(weight.numel(), info['bits'])}: the file is damaged.")
         decoded[name] = unpack_codes(packed, info["bits"], weight.numel()).reshape(weight.shape)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # size mismatches (codebook groups, float layers): still a checkpoint problem
+        raise CheckpointError(f"{source} does not match the model: {err}") from None
     expected_missing = {_prefix(n) + "weight" for n in model_layers}
     missing = sorted(set(result.missing_keys) - expected_missing)
     if missing or result.unexpected_keys:
@@ -122,13 +125,6 @@ def read_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist.")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise CheckpointError(
-            f"{path} is a pickle (torch.save) file; adq_hf only loads safetensors, which cannot run code. "
-            "Convert it with safetensors.torch.save_file(state_dict, 'model.safetensors')."
-        )
     try:
         tensors = {}
         with safe_open(path, framework="pt") as f:
@@ -136,6 +132,16 @@ def read_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        # Only a file safetensors cannot read is checked for pickle, and one whose 9th byte is not the "{"
+        # of a safetensors JSON header: a safetensors file starts with its 8-byte header length, whose
+        # first bytes can be 0x80 or "PK" too (one header length in 256).
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+        if (head[:2] == b"PK" or head[:1] == b"\x80") and head[8:9] != b"{":
+            raise CheckpointError(
+                f"{path} is a pickle (torch.save) file; adq_hf only loads safetensors, which cannot run code. "
+                "Convert it with safetensors.torch.save_file(state_dict, 'model.safetensors')."
+            ) from None
         raise CheckpointError(f"{path} is damaged or truncated ({err}); download or save it again.") from None
     return tensors, metadata
 

@@ -1,3 +1,6 @@
+"""quantize_model on real timm models: which layers, at which bits, exact math of timm's own convs,
+and the timm integration (create_model with quantization_config)."""
+
 import warnings
 
 import pytest
@@ -10,33 +13,65 @@ from torch import nn
 import adq_hf
 from adq_hf import ADQConfig, quantize_model
 from adq_hf.nn import QuantizedLayerMixin
+from adq_hf.quantizers import CodebookWeightQuantizer, N2UQActivationQuantizer
 from adq_hf.quantizers.codebook import initial_codebook
 
 TEST_MODELS = ["test_resnet", "test_convnext", "test_efficientnet", "test_vit", "test_byobnet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: with 2+ threads on a busy machine, OpenMP waits dominate the run time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def float_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
+def quantized(module):
+    return isinstance(module, QuantizedLayerMixin)
+
+
+def small_input(model, batch=2):
+    size = model.pretrained_cfg["input_size"][1:] if model.pretrained_cfg.get("fixed_input_size") else (32, 32)
+    return torch.randn(batch, 3, *size)
+
+
 @pytest.mark.parametrize("name", TEST_MODELS)
 def test_timm_test_models_are_fully_swapped_and_train(name):
-    model = timm.create_model(name, pretrained=False, num_classes=10,
-                              quantization_config=ADQConfig(weight_bits=3, activation_bits=4))
+    torch.manual_seed(0)
+    extra = {"img_size": 32} if name == "test_vit" else {}
+    model = timm.create_model(name, pretrained=False, num_classes=10, **extra)
     layers = float_layers(model)
-    assert layers and all(isinstance(m, QuantizedLayerMixin) for _, m in layers)
-    bits = adq_hf.bit_map(model)
     classifier = [n for n, m in layers if m is model.get_classifier()][0]
     first = next(n for n, m in layers if isinstance(m, nn.Conv2d))
-    assert bits[classifier]["weight_bits"] == 8 and bits[first]["weight_bits"] == 8
-    assert {b["weight_bits"] for n, b in bits.items() if n not in (classifier, first)} == {3}
-    assert {b["activation_bits"] for n, b in bits.items() if n not in (classifier, first)} == {4}
-    size = model.pretrained_cfg["input_size"][1:]
-    x = torch.randn(2, 3, *size)
+    quantize_model(model, ADQConfig(weight_bits=3, activation_bits=4))
+    assert all(quantized(m) for _, m in float_layers(model))  # every Linear/Conv2d, timm subclasses too
+    bits = adq_hf.bit_map(model)
+    assert set(bits) == {n for n, _ in layers}
+    assert bits[first]["weight_bits"] == 8 and bits[first]["activation_bits"] == 8
+    assert bits[classifier]["weight_bits"] == 8 and bits[classifier]["activation_bits"] == 8
+    body = [b for n, b in bits.items() if n not in (classifier, first)]
+    assert body and {b["weight_bits"] for b in body} == {3} and {b["activation_bits"] for b in body} == {4}
+    for _, m in float_layers(model):
+        assert isinstance(m.weight_quantizer, CodebookWeightQuantizer)
+        assert isinstance(m.input_quantizer, N2UQActivationQuantizer)
+    model.train()
+    x = small_input(model)
     out = model(x)
-    assert out.shape == (2, 10)
-    out.sum().backward()
-    assert all(m.latent_weight().grad is not None for _, m in layers)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.logsumexp(-1).sum().backward()
+    for n, m in float_layers(model):  # (some are exactly zero: timm zero-initialises last BN gammas)
+        assert m.latent_weight().grad is not None and m.input_quantizer.scale.grad is not None, n
+    for n in (first, classifier):
+        assert model.get_submodule(n).latent_weight().grad.abs().sum() > 0, n
+    assert adq_hf.average_weight_bits(model) == pytest.approx(
+        sum(b["weight_bits"] * b["params"] for b in bits.values()) / sum(b["params"] for b in bits.values())
+    )
 
 
 def test_layer_bits_regex_not_convert_and_float_edges():
@@ -46,35 +81,91 @@ def test_layer_bits_regex_not_convert_and_float_edges():
                        first_layer_bits=None, last_layer_bits=None)
     quantize_model(model, config)
     bits = adq_hf.bit_map(model)
-    assert all(not n.startswith("layer2") for n in bits)
-    assert "fc" not in bits and names[0] not in bits
-    assert {b["weight_bits"] for n, b in bits.items() if n.startswith("layer1") and "conv" in n} == {2}
-    assert {b["weight_bits"] for n, b in bits.items() if n.startswith("layer3")} == {4}
+    assert not any(n.startswith("layer2") for n in bits)  # a name covers its children
+    assert not any(quantized(m) for n, m in model.named_modules() if n.startswith("layer2"))
+    assert "fc" not in bits and names[0] not in bits and not quantized(model.fc)  # None keeps them float
+    assert {b["weight_bits"] for n, b in bits.items() if n.startswith("layer1")} == {2}
+    assert {b["weight_bits"] for n, b in bits.items() if not n.startswith("layer1")} == {4}
     assert bits and all(b["activation_bits"] is None for b in bits.values())  # weight-only by default
+    assert model.quantization_config is config
+
+
+def test_layer_bits_override_first_and_last_and_regex_exclusion():
+    model = timm.create_model("test_resnet", num_classes=10)
+    config = ADQConfig(weight_bits=3, activation_bits=3, layer_bits={"fc": 5, r"conv1\.0": 6},
+                       modules_to_not_convert=[r"layer\d\.0\.downsample\..*"])
+    quantize_model(model, config)
+    bits = adq_hf.bit_map(model)
+    # an explicit entry beats the first/last default, and the layer gets the body activation bits
+    assert bits["fc"] == {"weight_bits": 5, "activation_bits": 3, "params": 960}
+    assert bits["conv1.0"]["weight_bits"] == 6 and bits["conv1.0"]["activation_bits"] == 3
+    assert not any("downsample" in n for n in bits) and quantized(model.layer2[0].conv1)
+    assert bits["conv1.3"]["weight_bits"] == 3
+
+
+def test_per_channel_quantizers_are_per_output_channel():
+    model = timm.create_model("test_resnet", num_classes=10)
+    quantize_model(model, ADQConfig(weight_bits=2, granularity="per_channel"))
+    layer = model.layer1[0].conv1
+    w = layer.latent_weight().detach()
+    assert torch.equal(layer.weight_quantizer.codebook, initial_codebook(w.reshape(w.shape[0], -1), 2))
 
 
 def test_bad_layer_bits_and_models_without_layers_raise():
-    with pytest.raises(ValueError, match=r"layer_bits entries \['nope.\*'\] match no"):
-        quantize_model(timm.create_model("test_resnet"), ADQConfig(layer_bits={"nope.*": 2}))
-    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
-        quantize_model(nn.Sequential(nn.ReLU()), ADQConfig())
+    with pytest.raises(ValueError) as err:
+        quantize_model(timm.create_model("test_resnet"), ADQConfig(layer_bits={"fc": 4, r"nope\..*": 2}))
+    message = str(err.value)
+    assert r"layer_bits entries ['nope\\..*'] match no Linear/Conv2d layer of ResNet" in message
+    assert "conv1.0" in message  # shows what names look like
+    with pytest.raises(ValueError, match="Sequential has no nn.Linear or nn.Conv2d layer to quantize"):
+        quantize_model(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)), ADQConfig())
+    with pytest.raises(ValueError, match="selects no layer"):
+        quantize_model(nn.Sequential(nn.Linear(2, 2)), ADQConfig(modules_to_not_convert=["0"]))
     with pytest.raises(TypeError, match="ADQConfig"):
         quantize_model(timm.create_model("test_resnet"), {"weight_bits": 2})
 
 
-@pytest.mark.parametrize("cls", [Conv2dSame, StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame])
-def test_forward_overriding_timm_convs_keep_their_math(cls):
-    torch.manual_seed(0)
-    layer = cls(4, 6, 3, stride=2)
-    wrapper = nn.Sequential(nn.Conv2d(4, 4, 1), layer)  # the first conv takes the 8-bit default
-    quantize_model(wrapper, ADQConfig(weight_bits=2, activation_bits=None))
-    assert type(wrapper[1]).__name__ == f"Quant{cls.__name__}"
-    x = torch.randn(2, 4, 9, 11)
-    reference = cls(4, 6, 3, stride=2)
-    reference.load_state_dict({k: v for k, v in layer.state_dict().items() if "quantizer" not in k}, strict=True)
+def _randomise(layer):
     with torch.no_grad():
-        reference.weight.copy_(layer.quantized_weight())
-    assert torch.equal(layer(x), reference(x))
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+
+
+@pytest.mark.parametrize("activation_bits", [None, 4])
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (Conv2dSame, {}),
+        (StdConv2d, {"padding": 1}),
+        (StdConv2dSame, {}),
+        (ScaledStdConv2d, {"padding": 1, "gamma": 1.7}),
+        (ScaledStdConv2dSame, {"gamma": 1.7}),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else "",
+)
+def test_forward_overriding_timm_convs_keep_their_math(cls, kwargs, activation_bits):
+    torch.manual_seed(0)
+    layer = cls(4, 6, 3, stride=2, **kwargs)
+    _randomise(layer)
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    wrapper = nn.Sequential(nn.Conv2d(4, 4, 1), layer)  # the first conv takes the 8-bit default
+    quantize_model(wrapper, ADQConfig(weight_bits=2, activation_bits=activation_bits))
+    assert type(layer).__name__ == f"Quant{cls.__name__}" and isinstance(layer, cls) and quantized(layer)
+    assert adq_hf.bit_map(wrapper)["1"]["weight_bits"] == 2
+    x = torch.randn(2, 4, 9, 11)  # odd sizes: "SAME" padding is asymmetric
+    layer.eval()
+    out = layer(x)
+    reference = cls(4, 6, 3, stride=2, **kwargs).eval()
+    reference.load_state_dict(original)
+    with torch.no_grad():
+        qw = layer.quantized_weight()
+        assert qw.unique().numel() <= 4 and not torch.equal(qw, original["weight"])
+        reference.weight.copy_(qw)
+    inp = x if activation_bits is None else layer.input_quantizer(x)
+    assert torch.equal(out, reference(inp))
+    layer.train()
+    layer(x).sum().backward()
+    assert layer.latent_weight().grad.abs().sum() > 0
 
 
 def test_unknown_forward_overriding_subclass_stays_float_with_warning():
@@ -83,40 +174,9 @@ def test_unknown_forward_overriding_subclass_stays_float_with_warning():
             return 2 * super().forward(x)
 
     model = nn.Sequential(nn.Conv2d(3, 3, 1), Doubled(3, 3, 1), nn.Linear(3, 3))
-    with pytest.warns(UserWarning, match=r"1 \(Doubled: its forward is not known"):
+    with pytest.warns(UserWarning, match=r"leaves these layers in float: 1 \(Doubled: its forward is not known"):
         quantize_model(model, ADQConfig())
-    assert type(model[1]) is Doubled
-
-
-def test_create_model_passes_kwargs_and_initialises_from_pretrained(tmp_path):
-    source = timm.create_model("test_resnet", num_classes=7)
-    with torch.no_grad():
-        for p in source.parameters():
-            p.normal_()
-    path = tmp_path / "weights.safetensors"
-    save_file(source.state_dict(), str(path))
-    model = timm.create_model("test_resnet", pretrained=True, num_classes=7, drop_rate=0.25,
-                              pretrained_cfg_overlay=dict(file=str(path)),
-                              quantization_config=ADQConfig(weight_bits=2))
-    assert model.num_classes == 7 and model.drop_rate == 0.25
-    layer = model.layer1[0].conv1
-    assert torch.equal(layer.latent_weight(), source.layer1[0].conv1.weight)  # pretrained loaded first
-    expected = initial_codebook(source.layer1[0].conv1.weight.reshape(1, -1), 2)
-    assert torch.equal(layer.weight_quantizer.codebook, expected)
-    explicit = adq_hf.create_model("test_resnet", num_classes=7, quantization_config=ADQConfig())
-    assert isinstance(explicit.fc, QuantizedLayerMixin)
-    plain = timm.create_model("test_resnet", num_classes=7)
-    assert not any(isinstance(m, QuantizedLayerMixin) for m in plain.modules())
-
-
-def test_average_weight_bits_is_parameter_weighted():
-    model = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 30, bias=False))
-    quantize_model(model, ADQConfig(weight_bits=2, layer_bits={"1": 4}))
-    assert adq_hf.average_weight_bits(model) == pytest.approx((100 * 2 + 300 * 4) / 400)
-    model = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 30, bias=False))
-    quantize_model(model, ADQConfig(weight_bits=2, modules_to_not_convert=["1"]))
-    assert adq_hf.average_weight_bits(model) == 2
-    assert adq_hf.average_weight_bits(model, include_float=True) == pytest.approx((100 * 2 + 300 * 32) / 400)
+    assert type(model[1]) is Doubled and quantized(model[0]) and quantized(model[2])
 
 
 def test_tied_weights_stay_float():
@@ -127,4 +187,66 @@ def test_tied_weights_stay_float():
         warnings.simplefilter("always")
         quantize_model(model, ADQConfig())
     assert any("weight tied" in str(w.message) for w in caught)
-    assert not isinstance(model[0], QuantizedLayerMixin) and isinstance(model.extra, QuantizedLayerMixin)
+    assert not quantized(model[0]) and not quantized(model[1]) and quantized(model.extra)
+
+
+@pytest.fixture(scope="module")
+def float_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    source = timm.create_model("test_resnet", num_classes=7)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.copy_(torch.randn_like(p))
+    path = tmp_path_factory.mktemp("float") / "weights.safetensors"
+    save_file(source.state_dict(), str(path))
+    return source, path
+
+
+@pytest.mark.parametrize("entry", ["timm", "adq_hf"])
+def test_create_model_passes_kwargs_and_initialises_from_pretrained(float_checkpoint, entry):
+    source, path = float_checkpoint
+    create = timm.create_model if entry == "timm" else adq_hf.create_model
+    config = ADQConfig(weight_bits=2, granularity="per_channel")
+    model = create("test_resnet", pretrained=True, num_classes=7, drop_rate=0.25,
+                   pretrained_cfg_overlay=dict(file=str(path), num_classes=7),  # (else timm drops the classifier)
+                   quantization_config=config)
+    assert model.num_classes == 7 and model.drop_rate == 0.25 and model.fc.out_features == 7
+    assert model.quantization_config is config
+    for name in ("layer1.0.conv1", "fc", "conv1.0"):
+        layer, weight = model.get_submodule(name), source.get_submodule(name).weight
+        assert quantized(layer)
+        assert torch.equal(layer.latent_weight(), weight)  # pretrained weights loaded first ...
+        expected = initial_codebook(weight.reshape(weight.shape[0], -1), layer.weight_bits)
+        assert torch.equal(layer.weight_quantizer.codebook, expected)  # ... then the codebooks from them
+    assert model.layer1[0].conv1.weight_bits == 2 and model.fc.weight_bits == 8
+
+
+def test_create_model_without_config_is_plain_timm():
+    plain = timm.create_model("test_resnet", num_classes=7, drop_rate=0.1)
+    assert not any(quantized(m) for m in plain.modules()) and plain.drop_rate == 0.1
+    from_dict = adq_hf.create_model("test_resnet", num_classes=3, quantization_config={"weight_bits": 3})
+    assert quantized(from_dict.fc) and from_dict.quantization_config == ADQConfig(weight_bits=3)
+    with pytest.raises(TypeError, match="quantization_config must be an adq_hf.ADQConfig or a dict"):
+        timm.create_model("test_resnet", quantization_config=3)
+    with pytest.raises(ValueError, match="ADQConfig.weight_bits=1"):
+        timm.create_model("test_resnet", quantization_config={"weight_bits": 1})
+
+
+def test_average_weight_bits_is_parameter_weighted():
+    model = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 30, bias=False))
+    quantize_model(model, ADQConfig(weight_bits=2, layer_bits={"1": 4}))
+    assert adq_hf.average_weight_bits(model) == pytest.approx((100 * 2 + 300 * 4) / 400)
+    model = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 30, bias=False))
+    quantize_model(model, ADQConfig(weight_bits=2, modules_to_not_convert=["1"]))
+    assert adq_hf.average_weight_bits(model) == 2
+    assert adq_hf.average_weight_bits(model, include_float=True) == pytest.approx((100 * 2 + 300 * 32) / 400)
+    assert adq_hf.average_weight_bits(nn.Sequential(nn.Linear(2, 2))) == 0  # nothing quantized
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Linear(8, 2))  # 216, 64, 16 weights
+    quantize_model(conv, ADQConfig(weight_bits=3))  # first conv 8; a bare Sequential has no named classifier
+    bits = adq_hf.bit_map(conv)
+    total = sum(b["params"] for b in bits.values())
+    assert adq_hf.average_weight_bits(conv) == pytest.approx(
+        sum(b["params"] * b["weight_bits"] for b in bits.values()) / total
+    )
+    assert bits["0"]["weight_bits"] == 8 and bits["1"]["weight_bits"] == 3 and bits["2"]["weight_bits"] == 3
+    assert adq_hf.average_weight_bits(conv) == pytest.approx((216 * 8 + 64 * 3 + 16 * 3) / 296)

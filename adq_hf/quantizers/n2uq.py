@@ -54,7 +54,9 @@ class N2UQActivationQuantizer(ActivationQuantizer):
         qmax = 2**self.bits - 1 + self.zero_point
         step = float((2 * x.abs().mean() / math.sqrt(qmax)).clamp(min=1e-8))
         self.scale.fill_(step)
-        self.raw_intervals.fill_(step)
+        # d = |raw| + eps must equal the step exactly, or the eps offsets add up along the intervals
+        # and the quantizer would not start as the uniform one
+        self.raw_intervals.fill_(step - _EPS if step > 2 * _EPS else step)
         self.start.fill_(step * self.zero_point)
         self.initialized.fill_(True)
 
