@@ -11,44 +11,74 @@ import json
 import sys
 
 
-def _sensitivity(args) -> int:
-    import timm
+def _calibration_batches(args, model):
+    """``args.num_batches`` batches of ``(images, labels)``: from a dataset, or random (``--dataset random``)."""
+    import torch
+
+    from .data import resolve_data_config
+
+    resolved = resolve_data_config(model, args.input_size)
+    if args.dataset == "random":  # smoke use: Gaussian images, uniform labels, fixed seed
+        generator = torch.Generator().manual_seed(args.seed)
+        classes = model.get_classifier().out_features if hasattr(model, "get_classifier") and hasattr(
+            model.get_classifier(), "out_features") else (args.num_classes or 10)
+        return [(torch.randn(args.batch_size, *resolved["input_size"], generator=generator),
+                 torch.randint(0, classes, (args.batch_size,), generator=generator)) for _ in range(args.num_batches)]
     from torch.utils.data import DataLoader
 
-    from . import ADQConfig
-    from .data import collate_images, image_transforms, load_image_dataset, resolve_data_config
-    from .mixed_precision import allocate_bits, estimate_sensitivity, write_report
-    from .surgery import plan_quantization, quantize_model
+    from .data import collate_images, image_transforms, load_image_dataset
 
-    model = timm.create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
+    dataset = load_image_dataset(args.dataset, args.split).shuffle(seed=args.seed)
+    dataset = dataset.select(range(min(len(dataset), args.batch_size * args.num_batches)))
+    dataset.set_transform(image_transforms(resolved, "none")[1])
+    return list(DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_images))
+
+
+def _sensitivity(args) -> int:
+    import timm
+
+    from . import ADQConfig
+    from .mixed_precision import allocate_bits, estimate_sensitivity, write_report
+    from .mixed_precision.allocation import average_bits
+    from .mixed_precision.sensitivity import weight_layers
+    from .surgery import plan_quantization
+
+    kwargs = {"in_chans": args.in_chans}
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    model = timm.create_model(args.model, **kwargs)
     if args.checkpoint:
         from safetensors.torch import load_file
 
         if not args.checkpoint.endswith(".safetensors"):
             raise ValueError(f"--checkpoint {args.checkpoint}: only .safetensors state dicts are loaded.")
         model.load_state_dict(load_file(args.checkpoint))
-    resolved = resolve_data_config(model, args.input_size)
-    dataset = load_image_dataset(args.dataset, args.split).shuffle(seed=args.seed)
-    dataset = dataset.select(range(min(len(dataset), args.batch_size * args.num_batches)))
-    dataset.set_transform(image_transforms(resolved, "none")[1])
-    batches = list(DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_images))
-    config = ADQConfig(weight_bits=args.candidates[0], weight_quantizer=args.weight_quantizer,
+    batches = _calibration_batches(args, model)
+    config = ADQConfig(weight_bits=args.weight_bits, weight_quantizer=args.weight_quantizer,
                        granularity=args.granularity)
-    body = [p.name for p in plan_quantization(model, config) if p.role == "body"]
-    fixed = {p.name: p.weight_bits for p in plan_quantization(model, config) if p.role != "body"}
+    plans = plan_quantization(model, config)
+    body = [p.name for p in plans if p.role == "body"]
+    fixed = {p.name: p.weight_bits for p in plans if p.role != "body"}
     sensitivity = estimate_sensitivity(model, batches, method=args.method, num_batches=len(batches),
-                                       max_iters=args.max_iters, seed=args.seed, layers=body)
-    if args.target_avg_bits or args.max_bytes:
+                                       max_iters=args.max_iters, seed=args.seed, layers=body,
+                                       progress=not args.no_progress)
+    if args.target_avg_bits is not None or args.max_bytes is not None:
         bits = allocate_bits(model, sensitivity, target_avg_bits=args.target_avg_bits, max_bytes=args.max_bytes,
                              candidates=args.candidates, config=config, fixed=fixed)
     else:
         bits = {name: config.weight_bits for name in body}
-    config.layer_bits = bits
-    quantize_model(model, config)
-    paths = write_report(model, sensitivity, args.out)
+    params = {n: w.numel() for n, w in weight_layers(model).items()}
+    paths = write_report({**fixed, **bits}, sensitivity, args.out, model=model)
     print(open(paths["md"]).read())
-    print(f"layer_bits for ADQConfig (also in {paths['json']}):")
+    print(f"average weight bits {average_bits({**fixed, **bits}, params):.4f}; "
+          f"layer_bits for ADQConfig (also in {paths['json']}):")
     print(json.dumps(bits))
+    with open(paths["json"]) as fh:
+        report = json.load(fh)
+    report["layer_bits"] = bits
+    report["command"] = {k: v for k, v in vars(args).items() if k != "handler"}
+    with open(paths["json"], "w") as fh:
+        json.dump(report, fh, indent=2)
     return 0
 
 
@@ -62,7 +92,8 @@ def main(argv=None) -> int:
     sens.add_argument("--num-classes", type=int, default=None)
     sens.add_argument("--in-chans", type=int, default=3)
     sens.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
-    sens.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist, an image folder or a Hub id")
+    sens.add_argument("--dataset", default="fashion_mnist",
+                      help="fashion_mnist, an image folder, a Hub id, or 'random' (Gaussian images, for smoke tests)")
     sens.add_argument("--split", default="train")
     sens.add_argument("--batch-size", type=int, default=64)
     sens.add_argument("--num-batches", type=int, default=2)
@@ -71,9 +102,11 @@ def main(argv=None) -> int:
     sens.add_argument("--target-avg-bits", type=float)
     sens.add_argument("--max-bytes", type=int)
     sens.add_argument("--candidates", type=int, nargs="+", default=[2, 3, 4, 8])
+    sens.add_argument("--weight-bits", type=int, default=4, help="bits of every body layer when no budget is given")
     sens.add_argument("--weight-quantizer", default="adq")
     sens.add_argument("--granularity", default="per_tensor")
     sens.add_argument("--seed", type=int, default=0)
+    sens.add_argument("--no-progress", action="store_true", help="no progress bar")
     sens.add_argument("--out", default="bit_report")
     sens.set_defaults(handler=_sensitivity)
 

@@ -16,6 +16,7 @@ way adq_hf does not know, stay float with a warning.
 
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from .nn import convert_layer, is_quantized_layer, quantized_class_for, quantize
 from .quantizers import make_activation_quantizer, make_weight_quantizer
 
 _CLASSIFIER_NAMES = ("classifier", "score", "head", "fc")
+MAX_CALIBRATION_BATCHES = 8  # taken from an iterator (e.g. a DataLoader); lists are used whole
 
 
 @dataclass
@@ -136,7 +138,8 @@ def quantize_model(
 
     ``calibration_data`` (an iterable of batches: tensors, ``(inputs, labels)`` or dicts of model
     inputs) initialises activation quantizers from the first batch and feeds the mixed-precision
-    allocation when ``config.target_avg_bits`` is set. ``init_from_weights=False`` is for weights
+    allocation when ``config.target_avg_bits`` is set (a list is used whole; from any other iterable,
+    e.g. a DataLoader, the first ``MAX_CALIBRATION_BATCHES`` batches). ``init_from_weights=False`` is for weights
     that are not loaded yet (meta device, pre-quantized checkpoints).
     """
     if not isinstance(config, ADQConfig):
@@ -149,8 +152,10 @@ def quantize_model(
             )
         from .mixed_precision import plan_mixed_precision
 
-        calibration_data = list(calibration_data)
-        config.layer_bits, model.adq_sensitivity = plan_mixed_precision(model, config, calibration_data)
+        if not isinstance(calibration_data, (list, tuple)):  # a DataLoader: a few batches, not the data set
+            calibration_data = list(itertools.islice(calibration_data, MAX_CALIBRATION_BATCHES))
+        allocation = plan_mixed_precision(model, config, calibration_data)
+        config.layer_bits, model.adq_sensitivity = dict(allocation), allocation.sensitivity
     modules = dict(model.named_modules())
     for plan in plan_quantization(model, config):
         module = modules[plan.name]

@@ -2,44 +2,76 @@
 
 minimise   sum_i  s_i * ||W_i - Q_b(W_i)||^2          (s_i: per-parameter sensitivity, Q_b: the
                                                          weight quantizer the config uses, at b bits)
-subject to average bits over all quantized weights <= target_avg_bits   and/or
-           packed bytes (codes + look-up tables)    <= max_bytes,
+subject to average weight bits (below)              <= target_avg_bits   and/or
+           packed bytes (codes + quantizer tables)  <= max_bytes,
 one candidate b per layer, tied layers share b. Solved exactly with ``scipy.optimize.milp``.
 
-"Average bits" (docs/mixed_precision.md): parameter-weighted over the weights of every quantized
-Linear/Conv2d layer, the fixed ones (first/last layer at 8 bits, explicit ``layer_bits``)
-included; biases, norms, float layers and look-up tables excluded.
+"Average weight bits" (docs/mixed_precision.md, ``average_bits``): parameter-weighted over the
+weights of every quantized Linear/Conv2d layer, the fixed ones (first/last layer at their bits,
+explicit ``layer_bits``) included; biases, norms, float layers and look-up tables excluded. It is
+the number ``adq_hf.average_weight_bits(model)`` reports for the quantized model.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+import math
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..config import BITS_RANGE, ADQConfig
+from ..packing import packed_size
 from ..quantizers import make_weight_quantizer
 from .sensitivity import weight_layers
 
 DEFAULT_CANDIDATES = (2, 3, 4, 8)
+METHODS = ("milp", "greedy")
+
+
+def average_bits(bits: Mapping[str, int], params: Mapping[str, int]) -> float:
+    """The one definition of average weight bits: ``sum(params * bits) / sum(params)`` over the
+    quantized layers in ``bits`` (``params[name]`` = the layer's weight ``numel``)."""
+    total = sum(params[n] for n in bits)
+    return sum(params[n] * b for n, b in bits.items()) / max(total, 1)
 
 
 @torch.no_grad()
-def quantization_error(weight: torch.Tensor, bits: int, config: ADQConfig) -> float:
-    """``||W - Q_b(W)||^2`` with the config's own weight quantizer, freshly initialised from ``W``."""
-    quantizer = make_weight_quantizer(config, bits, weight.shape)
+def candidate_stats(weight: torch.Tensor, bits: int, config: ADQConfig) -> Tuple[float, int]:
+    """``(||W - Q_b(W)||^2, table bytes)`` with the config's own weight quantizer, freshly
+    initialised from ``W`` and run in eval mode (no EMA step). Table bytes: the quantizer's
+    floating-point state (codebooks, steps) stored next to the packed codes."""
+    quantizer = make_weight_quantizer(config, bits, weight.shape).to(weight.device)
     quantizer.init_from(weight.detach())
     quantizer.eval()
-    return float((weight.detach().double() - quantizer(weight.detach()).double()).pow(2).sum())
+    w = weight.detach()
+    error = float((w.double() - quantizer(w).double()).pow(2).sum())
+    state = list(quantizer.parameters()) + list(quantizer.buffers())
+    table = sum(t.numel() * t.element_size() for t in state if t.is_floating_point())
+    return error, int(table)
+
+
+def quantization_error(weight: torch.Tensor, bits: int, config: ADQConfig) -> float:
+    """``||W - Q_b(W)||^2`` with the config's weight quantizer, freshly initialised from ``W``."""
+    return candidate_stats(weight, bits, config)[0]
 
 
 def lut_bytes(weight: torch.Tensor, bits: int, config: ADQConfig) -> int:
-    """Bytes of the look-up table a layer stores next to its codes (fp32 entries)."""
-    groups = weight.shape[0] if config.granularity == "per_channel" else 1
-    per_group = 2**bits if config.weight_quantizer == "adq" else 1
-    return 4 * groups * per_group
+    """Bytes of the quantizer tables (codebook / steps) a layer stores next to its packed codes."""
+    return candidate_stats(weight, bits, config)[1]
+
+
+def layer_bytes(weight: torch.Tensor, bits: int, config: ADQConfig) -> int:
+    """Packed bytes of one layer: ``ceil(numel * bits / 8)`` codes plus its quantizer tables."""
+    return packed_size(weight.numel(), bits) + lut_bytes(weight, bits, config)
+
+
+def _check_number(name: str, value, positive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+        positive and value <= 0
+    ):
+        raise ValueError(f"{name}={value!r} is invalid: expected a positive number.")
 
 
 def allocate_bits(
@@ -53,60 +85,127 @@ def allocate_bits(
     ties: Iterable[Sequence[str]] = (),
     method: str = "milp",
 ) -> Dict[str, int]:
-    """Bits per layer in ``sensitivity`` (the layers to allocate); ``fixed`` layers keep their bits but
-    count in the budget. ``method="greedy"`` is the baseline the exact solver is compared against."""
+    """Bits ``{layer: b}`` for every layer in ``sensitivity`` that is not in ``fixed``.
+
+    Minimises ``sum_i s_i ||W_i - Q_{b_i}(W_i)||^2`` (``Q_b``: ``config``'s weight quantizer at ``b``
+    bits, default ``ADQConfig()``) over ``b_i`` in ``candidates`` subject to
+    ``average_bits(allocated + fixed) <= target_avg_bits`` and/or
+    ``sum(packed codes + quantizer tables) over allocated + fixed <= max_bytes``. ``fixed`` layers
+    (e.g. the first conv and classifier at 8 bits) keep their bits but count in both budgets.
+    ``ties``: groups of layer names that must share bits (none by default). Negative sensitivities
+    (a locally concave loss; estimator noise on near-flat layers) count as 0.
+    ``method="milp"`` is exact (``scipy.optimize.milp``); ``"greedy"`` is the baseline it is
+    compared against in the tests and benchmarks. An infeasible budget raises ``ValueError`` naming
+    the smallest feasible budget.
+    """
     config = config or ADQConfig()
-    fixed = dict(fixed or {})
-    candidates = sorted(set(int(b) for b in candidates))
-    if not candidates or any(b not in BITS_RANGE for b in candidates):
-        raise ValueError(f"candidates={list(candidates)} is invalid: expected bits from 2 to 8.")
+    if not isinstance(config, ADQConfig):
+        raise ValueError(f"config must be an adq_hf.ADQConfig, got {type(config).__name__}.")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is invalid: expected one of {list(METHODS)}.")
     if target_avg_bits is None and max_bytes is None:
         raise ValueError("allocate_bits needs a budget: target_avg_bits and/or max_bytes.")
-    if method not in ("milp", "greedy"):
-        raise ValueError(f"method={method!r} is invalid: expected 'milp' or 'greedy'.")
+    if target_avg_bits is not None:
+        _check_number("target_avg_bits", target_avg_bits)
+    if max_bytes is not None:
+        _check_number("max_bytes", max_bytes)
+    raw = list(candidates)
+    if not raw or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b not in BITS_RANGE for b in raw):
+        raise ValueError(f"candidates={raw} is invalid: expected integer bits from "
+                         f"{BITS_RANGE.start} to {BITS_RANGE.stop - 1}.")
+    candidates = sorted(set(int(b) for b in raw))
+    fixed = dict(fixed or {})
+    for name, b in fixed.items():
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b not in BITS_RANGE:
+            raise ValueError(f"fixed[{name!r}]={b!r} is invalid: expected integer bits from 2 to 8.")
+    if not isinstance(sensitivity, Mapping):
+        raise ValueError("sensitivity must be a dict {layer name: value} (from estimate_sensitivity).")
     weights = weight_layers(model)
     unknown = sorted((set(sensitivity) | set(fixed)) - set(weights))
     if unknown:
-        raise ValueError(f"{unknown[:5]} are not Linear/Conv2d layers of the model (sensitivity/fixed keys).")
+        raise ValueError(f"{unknown[:5]} are not Linear/Conv2d layers of the model (sensitivity/fixed keys); "
+                         f"layer names look like {list(weights)[:3]}.")
+    bad = [n for n, s in sensitivity.items() if isinstance(s, bool) or not isinstance(s, (int, float, np.floating))
+           or not math.isfinite(s)]
+    if bad:
+        raise ValueError(f"sensitivity of {bad[:5]} is not a finite number.")
     names = [n for n in sensitivity if n not in fixed]
     if not names:
-        raise ValueError("allocate_bits has no layer to allocate (every layer is fixed).")
+        raise ValueError("allocate_bits has no layer to allocate (every layer in sensitivity is fixed).")
+
+    stats = {n: [candidate_stats(weights[n], b, config) for b in candidates] for n in names}
+    cost = np.array([[max(float(sensitivity[n]), 0.0) * e for e, _ in stats[n]] for n in names])
     sizes = np.array([weights[n].numel() for n in names], dtype=np.float64)
-    cost = np.array([[max(sensitivity[n], 0.0) * quantization_error(weights[n], b, config) for b in candidates]
-                     for n in names])
     bits = np.array(candidates, dtype=np.float64)
     fixed_params = sum(weights[n].numel() for n in fixed)
     fixed_bits = sum(weights[n].numel() * b for n, b in fixed.items())
-    fixed_bytes = sum(weights[n].numel() * b / 8 + lut_bytes(weights[n], b, config) for n, b in fixed.items())
-    lut = np.array([[lut_bytes(weights[n], b, config) for b in candidates] for n in names])
+    fixed_bytes = sum(layer_bytes(weights[n], b, config) for n, b in fixed.items())
+    nbytes = np.array([[packed_size(weights[n].numel(), b) + t for b, (_, t) in zip(candidates, stats[n])]
+                       for n in names], dtype=np.float64)
 
-    budgets = []  # (coefficients [layer, candidate], limit, description, smallest feasible)
+    budgets = []  # (coefficients [layer, candidate], limit)
     if target_avg_bits is not None:
         total = sizes.sum() + fixed_params
         coeff = sizes[:, None] * bits[None, :]
-        smallest = (fixed_bits + sizes.sum() * candidates[0]) / total
-        budgets.append((coeff, target_avg_bits * total - fixed_bits, f"target_avg_bits={target_avg_bits}",
-                        f"{smallest:.4f} average bits"))
+        limit = target_avg_bits * total - fixed_bits
+        if coeff.min(axis=1).sum() > limit + 1e-6 * total:
+            smallest = (fixed_bits + coeff.min(axis=1).sum()) / total
+            raise ValueError(
+                f"target_avg_bits={target_avg_bits} is infeasible with candidates {candidates} and fixed layers "
+                f"({len(fixed)} at their own bits): the smallest feasible budget is "
+                f"{math.ceil(smallest * 1e4) / 1e4:.4f} average bits."
+            )
+        budgets.append((coeff, limit))
     if max_bytes is not None:
-        coeff = sizes[:, None] * bits[None, :] / 8 + lut
-        smallest = fixed_bytes + coeff[:, 0].sum()
-        budgets.append((coeff, max_bytes - fixed_bytes, f"max_bytes={max_bytes}", f"{int(np.ceil(smallest))} bytes"))
-    for coeff, limit, what, smallest in budgets:
-        if coeff[:, 0].sum() > limit + 1e-6:
-            raise ValueError(f"{what} is infeasible with candidates {candidates}: the smallest feasible budget is {smallest}.")
+        limit = max_bytes - fixed_bytes
+        if nbytes.min(axis=1).sum() > limit:
+            smallest = int(fixed_bytes + nbytes.min(axis=1).sum())
+            raise ValueError(f"max_bytes={max_bytes} is infeasible with candidates {candidates}: the smallest "
+                             f"feasible budget is {smallest} bytes.")
+        budgets.append((nbytes, limit))
 
-    groups = _tie_groups(names, ties)
-    choice = _solve_milp(cost, budgets, groups) if method == "milp" else _solve_greedy(cost, budgets, groups)
-    return {n: candidates[c] for n, c in zip(names, choice)}
+    groups = _tie_groups(names, fixed, ties)
+    if method == "greedy":
+        choice = _solve_greedy(cost, budgets, groups)
+    else:
+        # HiGHS accepts a solution within its feasibility tolerance of the (scaled) budget rows; usage
+        # is integral (parameter-bits, bytes), so re-solve with the limit lowered by any excess.
+        limits = [limit for _, limit in budgets]
+        for _ in range(5):
+            choice = _solve_milp(cost, [(c, l) for (c, _), l in zip(budgets, limits)], groups)
+            excess = [_usage(c, choice) - limit for c, limit in budgets]
+            if all(e <= 1e-9 * max(abs(limit), 1.0) for e, (_, limit) in zip(excess, budgets)):
+                break
+            limits = [l - max(e, 0.0) for l, e in zip(limits, excess)]
+        else:
+            raise ValueError("the MILP solver could not meet the budget exactly; report this with the model.")
+    result = {n: candidates[c] for n, c in zip(names, choice)}
+    if target_avg_bits is not None:  # the definition, checked on the answer
+        params = {n: weights[n].numel() for n in list(result) + list(fixed)}
+        assert average_bits({**fixed, **result}, params) <= target_avg_bits + 1e-9, "allocation broke the budget"
+    return result
 
 
-def _tie_groups(names: List[str], ties) -> List[List[int]]:
+def _usage(coeff: np.ndarray, choice: List[int]) -> float:
+    return float(sum(coeff[i, c] for i, c in enumerate(choice)))
+
+
+def _tie_groups(names: List[str], fixed: Dict[str, int], ties) -> List[List[int]]:
     index = {n: i for i, n in enumerate(names)}
-    groups = []
+    groups, seen = [], set()
     for tie in ties:
-        members = [index[n] for n in tie if n in index]
-        if len(members) > 1:
-            groups.append(members)
+        if isinstance(tie, str):
+            raise ValueError(f"ties must be groups of layer names, e.g. [('a', 'b')], got the string {tie!r}.")
+        for n in tie:
+            if n in fixed:
+                raise ValueError(f"tie {list(tie)}: {n!r} is a fixed layer; tie only allocated layers.")
+            if n not in index:
+                raise ValueError(f"tie {list(tie)}: {n!r} is not among the allocated layers (sensitivity keys).")
+            if n in seen:
+                raise ValueError(f"{n!r} is in more than one tie group; merge the groups.")
+            seen.add(n)
+        if len(tie) > 1:
+            groups.append([index[n] for n in tie])
     return groups
 
 
@@ -119,40 +218,43 @@ def _solve_milp(cost, budgets, groups) -> List[int]:
         row = np.zeros((layers, options))
         row[i] = 1
         rows.append(row.ravel()), lower.append(1), upper.append(1)
-    for coeff, limit, *_ in budgets:
-        rows.append(coeff.ravel()), lower.append(-np.inf), upper.append(limit)
+    for coeff, limit in budgets:
+        scale = max(np.abs(coeff).max(), 1.0)  # keep the constraint well conditioned for HiGHS
+        rows.append(coeff.ravel() / scale), lower.append(-np.inf), upper.append(limit / scale)
     for group in groups:  # tied layers take the same candidate
         for other in group[1:]:
             for b in range(options):
                 row = np.zeros((layers, options))
                 row[group[0], b], row[other, b] = 1, -1
                 rows.append(row.ravel()), lower.append(0), upper.append(0)
-    scale = max(cost.max(), 1e-30)  # keep the objective well conditioned for HiGHS
+    scale = max(cost.max(), 1e-300)  # keep the objective well conditioned for HiGHS
     result = milp(c=(cost / scale).ravel(), constraints=LinearConstraint(np.array(rows), lower, upper),
-                  integrality=np.ones(layers * options), bounds=Bounds(0, 1))
-    if not result.success:
+                  integrality=np.ones(layers * options), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
+    if not result.success or result.x is None:
         raise ValueError(f"the bit allocation has no solution ({result.message}); relax the budget or the ties.")
     return [int(np.argmax(r)) for r in result.x.reshape(layers, options)]
 
 
 def _solve_greedy(cost, budgets, groups) -> List[int]:
-    """Start at the most bits; repeatedly lower the layer (or tie group) that adds the least cost per
-    budget unit saved, until every budget holds."""
+    """Start every layer at the most bits; repeatedly lower by one candidate the layer (or tie group)
+    with the smallest cost increase per budget unit saved (summed over the budgets, each normalised
+    by its limit), until every budget holds."""
     layers, options = cost.shape
-    units = [[i] for i in range(layers) if not any(i in g for g in groups)] + groups
+    grouped = {i for g in groups for i in g}
+    units = [[i] for i in range(layers) if i not in grouped] + groups
     choice = [options - 1] * layers
 
-    def usage(coeff):
-        return sum(coeff[i, choice[i]] for i in range(layers))
+    def over():
+        return any(sum(c[i, choice[i]] for i in range(layers)) > limit + 1e-9 * abs(limit) for c, limit in budgets)
 
-    while any(usage(coeff) > limit + 1e-6 for coeff, limit, *_ in budgets):
+    while over():
         best, best_ratio = None, None
         for unit in units:
             b = choice[unit[0]]
             if b == 0:
                 continue
             extra = sum(cost[i, b - 1] - cost[i, b] for i in unit)
-            saved = sum(sum(c[i, b] - c[i, b - 1] for c, *_ in budgets) for i in unit)
+            saved = sum(sum(c[i, b] - c[i, b - 1] for i in unit) / max(abs(limit), 1e-30) for c, limit in budgets)
             ratio = extra / max(saved, 1e-30)
             if best_ratio is None or ratio < best_ratio:
                 best, best_ratio = unit, ratio
@@ -164,6 +266,6 @@ def _solve_greedy(cost, budgets, groups) -> List[int]:
 
 
 def objective(model: nn.Module, sensitivity: Dict[str, float], bits: Dict[str, int], config: ADQConfig) -> float:
-    """``sum_i s_i ||W_i - Q_{b_i}(W_i)||^2`` of an allocation (to compare solvers)."""
+    """``sum_i max(s_i, 0) ||W_i - Q_{b_i}(W_i)||^2`` of an allocation (to compare solvers)."""
     weights = weight_layers(model)
-    return sum(sensitivity[n] * quantization_error(weights[n], b, config) for n, b in bits.items())
+    return sum(max(sensitivity[n], 0.0) * quantization_error(weights[n], b, config) for n, b in bits.items())

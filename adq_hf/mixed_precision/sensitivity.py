@@ -1,8 +1,14 @@
 """Per-layer sensitivity: the Hessian trace of the loss per weight (Hutchinson, as HAWQ-V2/V3),
-or the mean squared gradient (Fisher) as the cheap alternative. Both normalised per parameter."""
+or the mean squared gradient (Fisher) as the cheap alternative. Both normalised per parameter.
+
+The layers are every ``nn.Linear``/``nn.Conv2d`` with a weight (for an already quantized layer, its
+latent float weight: the straight-through estimator makes the Hessian the one at the quantized
+weight). The model runs in eval mode during the analysis (no dropout, BatchNorm running statistics).
+"""
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -23,24 +29,70 @@ def weight_layers(model: nn.Module) -> Dict[str, nn.Parameter]:
     }
 
 
+def _to_device(value, device):
+    return value.to(device) if torch.is_tensor(value) else value
+
+
+def _logits(output) -> torch.Tensor:
+    if torch.is_tensor(output):
+        return output
+    if getattr(output, "logits", None) is not None:
+        return output.logits
+    return output[0]  # transformers ModelOutput / tuple: logits or last_hidden_state first
+
+
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
-    """Cross-entropy for ``(inputs, labels)`` batches; the model's own ``loss`` for dict batches
-    with labels; otherwise ``0.5 * mean(output**2)`` of the logits / last hidden state (a label-free
-    proxy for encoders: its Hessian is the output Jacobian's Gram matrix, as in a Gauss-Newton)."""
+    """The loss the sensitivity is taken of, by batch type:
+
+    - ``(inputs, labels)`` (a tuple/list): cross-entropy of the output (or its ``.logits``) and labels;
+    - a dict with ``labels``/``label``: the model's own ``loss`` when its forward takes ``labels``
+      (transformers heads), else cross-entropy of the logits;
+    - anything else (a tensor, a dict of inputs without labels): the model's ``loss`` if the output
+      has one, otherwise ``0.5 * mean(output**2)`` of the logits / last hidden state: a label-free
+      proxy for encoders (its Hessian w.r.t. the weights is ``J^T J / N`` plus a residual term, a
+      Gauss-Newton-like curvature of the output).
+    """
     args, kwargs = model_inputs(batch)
     device = next(model.parameters()).device
-    args = tuple(a.to(device) for a in args)
-    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    args = tuple(_to_device(a, device) for a in args)
+    kwargs = {k: _to_device(v, device) for k, v in kwargs.items()}
+    labels = None
     if isinstance(batch, dict) and ("labels" in batch or "label" in batch):
-        kwargs["labels"] = (batch.get("labels") if "labels" in batch else batch["label"]).to(device)
-        return model(*args, **kwargs).loss
+        labels = _to_device(batch["labels"] if "labels" in batch else batch["label"], device)
+        if "labels" in inspect.signature(model.forward).parameters:
+            kwargs["labels"] = labels
+    elif isinstance(batch, (tuple, list)) and len(batch) > 1:
+        labels = _to_device(batch[1], device)
     output = model(*args, **kwargs)
-    if isinstance(batch, (tuple, list)) and len(batch) > 1:
-        logits = output if torch.is_tensor(output) else output.logits
-        return F.cross_entropy(logits, batch[1].to(device))
-    if not torch.is_tensor(output):
-        output = getattr(output, "logits", None) if getattr(output, "logits", None) is not None else output[0]
-    return 0.5 * output.float().pow(2).mean()
+    if "labels" in kwargs and getattr(output, "loss", None) is not None:
+        return output.loss
+    if labels is not None:
+        logits = _logits(output)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+    if getattr(output, "loss", None) is not None:
+        return output.loss
+    return 0.5 * _logits(output).float().pow(2).mean()
+
+
+def _wrap_loss(loss_fn) -> Callable[[nn.Module, object], torch.Tensor]:
+    """``loss_fn(model, batch) -> scalar``; a torch criterion (``nn.CrossEntropyLoss()``, called as
+    ``criterion(output, labels)``) is accepted too, for ``(inputs, labels)`` batches."""
+    if loss_fn is None:
+        return default_loss
+    if isinstance(loss_fn, nn.modules.loss._Loss):
+        criterion = loss_fn
+
+        def loss(model, batch):
+            if not (isinstance(batch, (tuple, list)) and len(batch) > 1):
+                raise ValueError("a torch criterion as loss_fn needs (inputs, labels) batches; "
+                                 "pass loss_fn(model, batch) -> scalar for other batches.")
+            device = next(model.parameters()).device
+            return criterion(_logits(model(batch[0].to(device))), batch[1].to(device))
+
+        return loss
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable as loss_fn(model, batch) -> scalar tensor, got {loss_fn!r}.")
+    return loss_fn
 
 
 def _batches(dataloader: Iterable, num_batches: int) -> List:
@@ -58,32 +110,46 @@ def estimate_sensitivity(
     num_batches: int = 1,
     max_iters: int = 50,
     tol: float = 1e-2,
-    min_iters: int = 5,
     seed: int = 0,
-    layers: Optional[List[str]] = None,
     progress: bool = True,
+    layers: Optional[List[str]] = None,
+    min_iters: int = 5,
 ) -> Dict[str, float]:
-    """Per-layer sensitivity ``{layer name: value}``.
+    """Per-layer sensitivity ``{layer name: value}`` of every Linear/Conv2d weight (or of ``layers``).
 
-    ``"hutchinson"``: ``Tr(H_i) / n_i`` with ``H_i`` the Hessian of the loss w.r.t. layer ``i``'s
-    weight (``n_i`` parameters), estimated as ``E[v^T H v]`` over Rademacher probes ``v`` (Hessian-
-    vector products by double backward), averaged over ``num_batches`` batches; per batch, probes stop
-    after ``max_iters`` or when the layers' running means moved by less than ``tol`` (relative, the
-    mean over layers) in the last probe (after ``min_iters``). ``"fisher"``: ``mean(grad**2)`` per layer. Deterministic
-    for a given ``seed``. The model runs in eval mode (no dropout, fixed BatchNorm statistics).
+    ``"hutchinson"`` (default): ``Tr(H_i) / n_i``, ``H_i`` the Hessian of the loss w.r.t. layer
+    ``i``'s weight (``n_i`` parameters), estimated as the mean of ``v^T H_i v`` over Rademacher probes
+    ``v`` (Hessian-vector products by double backward, all layers per backward pass), averaged over
+    the first ``num_batches`` batches. Per batch the probes stop after ``max_iters``, or earlier
+    (after at least ``min_iters``) once the last probe moved the layers' running means by less than
+    ``tol`` relative to their values (the mean over layers of ``|new - old| / |old|``).
+    ``"fisher"``: ``mean(grad**2)`` per layer, one backward per batch (the empirical Fisher diagonal).
+
+    ``loss_fn(model, batch) -> scalar`` (default: ``default_loss``: cross-entropy for
+    ``(inputs, labels)``; see its docstring for dicts and label-free batches); a torch criterion such
+    as ``nn.CrossEntropyLoss()`` also works. Probes come from a CPU generator seeded with ``seed``,
+    so the result does not depend on the device or global RNG state. The model runs in eval mode and
+    is put back in its mode afterwards; ``requires_grad`` flags are restored.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is invalid: expected one of {list(METHODS)}.")
-    if max_iters < 1 or num_batches < 1:
-        raise ValueError("max_iters and num_batches must be >= 1.")
-    loss_fn = loss_fn or default_loss
+    for name, value, low in (("num_batches", num_batches, 1), ("max_iters", max_iters, 1), ("min_iters", min_iters, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}.")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
+        raise ValueError(f"tol={tol!r} is invalid: expected a number >= 0.")
+    loss_fn = _wrap_loss(loss_fn)
     all_layers = weight_layers(model)
+    if not all_layers:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to analyse.")
     if layers is not None:
         unknown = sorted(set(layers) - set(all_layers))
         if unknown:
-            raise ValueError(f"layers {unknown[:5]} are not Linear/Conv2d layers of the model.")
+            raise ValueError(f"layers {unknown[:5]} are not Linear/Conv2d layers of the model "
+                             f"(names look like {list(all_layers)[:3]}).")
         all_layers = {n: all_layers[n] for n in layers}
     names, params = list(all_layers), list(all_layers.values())
+    batches = _batches(dataloader, num_batches)
     was_training = model.training
     model.eval()
     requires = [p.requires_grad for p in params]
@@ -91,12 +157,13 @@ def estimate_sensitivity(
         p.requires_grad_(True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     totals = torch.zeros(len(params), dtype=torch.float64)
-    batches = _batches(dataloader, num_batches)
     bar = _bar(progress, len(batches) * (1 if method == "fisher" else max_iters), f"sensitivity ({method})")
     try:
         for batch in batches:
             with _twice_differentiable_attention():
                 loss = loss_fn(model, batch)
+            if not (torch.is_tensor(loss) and loss.numel() == 1 and loss.requires_grad):
+                raise ValueError("loss_fn must return a scalar tensor that depends on the layer weights.")
             if method == "fisher":
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 totals += torch.tensor([_sq(g) for g in grads], dtype=torch.float64)
@@ -124,28 +191,33 @@ def _sq(g: Optional[torch.Tensor]) -> float:
     return 0.0 if g is None else float(g.detach().double().pow(2).sum())
 
 
+def _rademacher(param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    signs = torch.randint(0, 2, param.shape, generator=generator, dtype=torch.int8) * 2 - 1
+    return signs.to(param.device, param.dtype)
+
+
 def _hutchinson(loss, params, generator, max_iters, min_iters, tol, bar) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    usable = [g is not None and g.requires_grad for g in grads]
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]  # others: zero Hessian
     sums = torch.zeros(len(params), dtype=torch.float64)
     previous: Optional[torch.Tensor] = None
     done = 0
     for it in range(1, max_iters + 1):
-        probes = [
-            (torch.randint(0, 2, p.shape, generator=generator, dtype=torch.int8) * 2 - 1).to(p.device, p.dtype)
-            for p in params
-        ]
-        live = [i for i, ok in enumerate(usable) if ok]
-        hv = torch.autograd.grad([grads[i] for i in live], [params[i] for i in live],
-                                 grad_outputs=[probes[i] for i in live], retain_graph=True, allow_unused=True)
-        for i, h in zip(live, hv):
-            if h is not None:
-                sums[i] += float((h.double() * probes[i].double()).sum())
+        probes = [_rademacher(p, generator) for p in params]  # drawn for every layer: same stream always
+        if live:
+            hv = torch.autograd.grad([grads[i] for i in live], [params[i] for i in live],
+                                     grad_outputs=[probes[i] for i in live], retain_graph=True, allow_unused=True)
+            quads = [(h.float() * probes[i].float()).sum() if h is not None
+                     else probes[i].new_zeros((), dtype=torch.float32) for i, h in zip(live, hv)]
+            if len({q.device for q in quads}) == 1:
+                sums[live] += torch.stack(quads).double().cpu()  # one device sync per probe
+            else:
+                sums[live] += torch.tensor([float(q) for q in quads], dtype=torch.float64)
         bar.update(1)
         done = it
         mean = sums / it
         if previous is not None and it >= min_iters:
-            change = ((mean - previous).abs() / previous.abs().clamp(min=1e-12)).mean()
+            change = ((mean - previous).abs() / previous.abs().clamp(min=1e-30)).mean()
             if change < tol:
                 break
         previous = mean
@@ -160,13 +232,31 @@ def _bar(enabled: bool, total: int, desc: str):
 
 
 def exact_layer_traces(model: nn.Module, batch, loss_fn=None) -> Tuple[Dict[str, float], Dict[str, int]]:
-    """Exact ``Tr(H_i)`` by forming each layer's full Hessian (tiny models only: tests, validation)."""
-    loss_fn = loss_fn or default_loss
+    """Exact ``Tr(H_i)`` from each layer's full Hessian (``torch.autograd.functional.hessian``):
+    tiny models only (tests, validation). Returns ``(traces, numels)``."""
+    from torch.func import functional_call
+
+    loss_fn = _wrap_loss(loss_fn)
     traces, sizes = {}, {}
+    was_training = model.training
     model.eval()
-    for name, param in weight_layers(model).items():
-        grad = torch.autograd.grad(loss_fn(model, batch), param, create_graph=True)[0].reshape(-1)
-        trace = sum(float(torch.autograd.grad(grad[k], param, retain_graph=True)[0].reshape(-1)[k])
-                    for k in range(grad.numel()))
-        traces[name], sizes[name] = trace, param.numel()
+    try:
+        for name, param in weight_layers(model).items():
+            key = name + ".weight"
+
+            def loss_of(weight, key=key):
+                class _Call(nn.Module):  # the model with this one weight replaced
+                    def forward(self_, *args, **kwargs):
+                        return functional_call(model, {key: weight}, args, kwargs)
+
+                    def parameters(self_, recurse=True):
+                        return model.parameters(recurse)
+
+                return loss_fn(_Call(), batch)
+
+            hessian = torch.autograd.functional.hessian(loss_of, param.detach().clone())
+            traces[name] = float(hessian.reshape(param.numel(), param.numel()).diagonal().sum())
+            sizes[name] = param.numel()
+    finally:
+        model.train(was_training)
     return traces, sizes
