@@ -22,13 +22,7 @@ from adq_hf.mixed_precision import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: with 2+ threads on a busy machine, OpenMP waits dominate (35x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def relu_mlp(seed=0):

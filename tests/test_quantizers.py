@@ -21,13 +21,7 @@ from adq_hf.quantizers.base import grad_scale, straight_through
 from adq_hf.quantizers.codebook import initial_codebook, nearest_codes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: with 2+ threads on a busy machine, OpenMP waits dominate the run time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # negative magnitudes 1..4 (mass 10), positive 1..8 (mass 36)
 KNOWN = torch.tensor([[-4.0, -3.0, -2.0, -1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])

@@ -17,13 +17,7 @@ from adq_hf.serialization import CheckpointError
 INPUT = (2, 3, 32, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: with 2+ threads on a busy machine, OpenMP waits dominate the run time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_model(config, num_classes=10):

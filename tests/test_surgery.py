@@ -19,13 +19,7 @@ from adq_hf.quantizers.codebook import initial_codebook
 TEST_MODELS = ["test_resnet", "test_convnext", "test_efficientnet", "test_vit", "test_byobnet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: with 2+ threads on a busy machine, OpenMP waits dominate the run time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def float_layers(model):
