@@ -14,6 +14,8 @@ from .integrations import timm as _timm_integration
 from .integrations import transformers as _transformers_integration
 from .integrations.timm import create_model, save_pretrained
 from .mixed_precision import allocate_bits, estimate_sensitivity, write_report
+from . import hub
+from .hub import push_to_hub
 
 _timm_integration.install()
 _transformers_integration.register()
@@ -29,6 +31,8 @@ __all__ = [
     "bit_map",
     "calibrate_activations",
     "create_model",
+    "hub",
+    "push_to_hub",
     "save_pretrained",
     "quantize_model",
     "quantized_layers",

@@ -2,12 +2,16 @@
 
     adq-hf sensitivity resnet20_cifar --in-chans 1 --num-classes 10 --checkpoint teacher.safetensors \\
         --dataset fashion_mnist --input-size 1 28 28 --target-avg-bits 2.8 --out report/
+    adq-hf card outputs/fmnist_resnet20_w2a2          # README.md model card from a recipe run
+    adq-hf push outputs/fmnist_resnet20_w2a2/final org/resnet20-fmnist-w2a2 [--private] [--revision B]
+    adq-hf download org/resnet20-fmnist-w2a2 [--revision SHA] [--local-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -82,6 +86,43 @@ def _sensitivity(args) -> int:
     return 0
 
 
+def _card(args) -> int:
+    from .model_card import write_model_card
+
+    run_dir = args.run_dir.rstrip("/")
+    folder = os.path.join(run_dir, "final") if os.path.isdir(os.path.join(run_dir, "final")) else run_dir
+    results = recipe_config = None
+    results_path = args.results or os.path.join(os.path.dirname(folder) if folder != run_dir else run_dir, "results.json")
+    if os.path.isfile(results_path):
+        with open(results_path) as fh:
+            results = json.load(fh)
+    config_path = os.path.join(os.path.dirname(results_path), "recipe_config.yaml")
+    if os.path.isfile(config_path):
+        with open(config_path) as fh:
+            recipe_config = fh.read()
+    path = write_model_card(folder, repo_id=args.repo_id, results=results, recipe_config=recipe_config,
+                            command=args.training_command or (results or {}).get("command"),
+                            base_model=args.base_model, dataset=args.dataset)
+    print(f"model card: {path}" + ("" if results else " (no results.json found: no accuracy section)"))
+    return 0
+
+
+def _push(args) -> int:
+    from .hub import push_folder
+
+    info = push_folder(args.folder, args.repo_id, private=args.private or None, revision=args.revision,
+                       commit_message=args.commit_message, create_pr=args.create_pr)
+    print(f"pushed {args.folder} to {args.repo_id}: commit {info.oid}" + (f", pull request {info.pr_url}" if info.pr_url else ""))
+    return 0
+
+
+def _download(args) -> int:
+    from .hub import download
+
+    print(download(args.repo_id, revision=args.revision, local_dir=args.local_dir, cache_dir=args.cache_dir))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="adq-hf", description="adq_hf command-line tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,10 +151,35 @@ def main(argv=None) -> int:
     sens.add_argument("--out", default="bit_report")
     sens.set_defaults(handler=_sensitivity)
 
+    card = sub.add_parser("card", help="render README.md (model card) for a saved model or a recipe run")
+    card.add_argument("run_dir", help="a recipe output folder (with final/ and results.json) or a saved model folder")
+    card.add_argument("--results", help="results.json with measured metrics (default: the recipe's)")
+    card.add_argument("--repo-id", help="the Hub repo the card will live in (used in the loading snippet)")
+    card.add_argument("--base-model", help="Hub id of the float model it was quantized from")
+    card.add_argument("--dataset", help="dataset id (default: the recipe's data.source)")
+    card.add_argument("--training-command", help="the exact command that trained it")
+    card.set_defaults(handler=_card)
+
+    push = sub.add_parser("push", help="upload a saved quantized model folder to the Hub")
+    push.add_argument("folder")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="branch to commit to (created from main if missing)")
+    push.add_argument("--commit-message", default="Upload quantized model (adq_hf)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
+    push.set_defaults(handler=_push)
+
+    down = sub.add_parser("download", help="download a quantized model from the Hub; prints its folder")
+    down.add_argument("repo_id")
+    down.add_argument("--revision", help="branch, tag or commit")
+    down.add_argument("--local-dir")
+    down.add_argument("--cache-dir")
+    down.set_defaults(handler=_download)
+
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # OSError includes huggingface_hub's HTTP errors
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -1,10 +1,12 @@
 """Quantized state dicts <-> packed safetensors (format: docs/format.md).
 
-A quantized layer's float ``weight`` is replaced by ``<layer>.weight_codes`` (packed b-bit codes,
-uint8) next to its quantizer state (codebook / step / thresholds); every other tensor is stored
-as is. The safetensors header carries the format name, version and per-layer shape and bits, so a
-file is checked against the model before anything is loaded. Only safetensors is ever read: no
-pickle.
+A quantized layer's float ``weight`` is stored as its packed b-bit codes under the same name,
+``<layer>.weight`` (uint8, 1-D), next to its quantizer state (codebook / step / thresholds); every
+other tensor is stored as is. Keeping the name is deliberate: a loader that does not know adq_hf
+(plain transformers, timm) finds ``weight`` with the wrong shape and stops with a size-mismatch
+error instead of silently leaving the weights at random values. The safetensors header carries
+the format name, version and per-layer shape and bits, so a file is checked against the model
+before anything is loaded. Only safetensors is ever read: no pickle.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from torch import nn
 from .nn import quantized_layers
 from .packing import pack_codes, packed_size, unpack_codes
 
-FORMAT_NAME = "adq_hf"
+FORMAT_KEY = "adq_hf_format"  # header key holding the format version; "format" stays "pt" for transformers
 FORMAT_VERSION = "1"
-CODES_SUFFIX = "weight_codes"
+CODES_SUFFIX = "weight"  # the packed codes take the float weight's name (see above)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -39,26 +41,26 @@ def quantized_state_dict(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dic
     state = {k: v.detach() for k, v in model.state_dict().items()}
     layers = {}
     for name, layer in quantized_layers(model):
-        weight = state.pop(_prefix(name) + "weight")
+        weight = state[_prefix(name) + "weight"]
         codes = layer.weight_quantizer.encode(weight)
         state[_prefix(name) + CODES_SUFFIX] = pack_codes(codes.cpu(), layer.weight_bits)
         layers[name] = {"shape": list(weight.shape), "bits": layer.weight_bits, "dtype": str(weight.dtype)}
     if not layers:
         raise CheckpointError("the model has no quantized layer: quantize it with adq_hf.quantize_model first.")
     state = {k: v.contiguous().cpu() for k, v in state.items()}
-    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layers": json.dumps(layers, sort_keys=True)}
+    metadata = {"format": "pt", FORMAT_KEY: FORMAT_VERSION, "layers": json.dumps(layers, sort_keys=True)}
     return state, metadata
 
 
 def _check_metadata(metadata, source: str) -> Dict[str, dict]:
-    if not metadata or metadata.get("format") != FORMAT_NAME:
+    if not metadata or FORMAT_KEY not in metadata or "layers" not in metadata:
         raise CheckpointError(
-            f"{source} is not an adq_hf quantized checkpoint (no '{FORMAT_NAME}' format tag in its header); "
+            f"{source} is not an adq_hf quantized checkpoint (no '{FORMAT_KEY}' tag in its header); "
             "load a float checkpoint with quantization_config=ADQConfig(...) to quantize it instead."
         )
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata[FORMAT_KEY] != FORMAT_VERSION:
         raise CheckpointError(
-            f"{source} has adq_hf format version {metadata.get('format_version')!r}; this adq_hf reads "
+            f"{source} has adq_hf format version {metadata[FORMAT_KEY]!r}; this adq_hf reads "
             f"version {FORMAT_VERSION}: upgrade adq_hf."
         )
     return json.loads(metadata["layers"])
@@ -90,6 +92,9 @@ def load_quantized_state_dict(
         packed = state.pop(key, None)
         if packed is None:
             raise CheckpointError(f"{source} lacks {key!r}.")
+        if packed.dtype != torch.uint8 or packed.dim() != 1:
+            raise CheckpointError(f"{source}: {key!r} is {packed.dtype} {list(packed.shape)}, not packed uint8 codes: "
+                                  "the file is damaged or was not written by adq_hf.")
         if packed.numel() != packed_size(weight.numel(), info["bits"]):
             raise CheckpointError(f"{source}: {key!r} has {packed.numel()} bytes, expected "
                                   f"{packed_size(weight.numel(), info['bits'])}: the file is damaged.")
@@ -98,7 +103,7 @@ def load_quantized_state_dict(
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # size mismatches (codebook groups, float layers): still a checkpoint problem
         raise CheckpointError(f"{source} does not match the model: {err}") from None
-    expected_missing = {_prefix(n) + "weight" for n in model_layers}
+    expected_missing = {_prefix(n) + "weight" for n in model_layers}  # popped above: decoded below
     missing = sorted(set(result.missing_keys) - expected_missing)
     if missing or result.unexpected_keys:
         raise CheckpointError(

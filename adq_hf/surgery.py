@@ -47,16 +47,14 @@ def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def _classifier_name(model: nn.Module, names: Dict[int, str]) -> Optional[str]:
     heads = []
-    if hasattr(model, "get_classifier"):
-        try:
-            heads.append(model.get_classifier())
-        except Exception:  # timm models without a classifier raise or return Identity
-            pass
-    if hasattr(model, "get_output_embeddings"):
-        try:
-            heads.append(model.get_output_embeddings())
-        except Exception:
-            pass
+    # transformers' TimmWrapper* models hold the timm model (and its classifier) in ``timm_model``
+    for owner in (model, getattr(model, "timm_model", None)):
+        for getter in ("get_classifier", "get_output_embeddings"):
+            if owner is not None and hasattr(owner, getter):
+                try:
+                    heads.append(getattr(owner, getter)())
+                except Exception:  # timm models without a classifier raise or return Identity
+                    pass
     heads.extend(getattr(model, n, None) for n in _CLASSIFIER_NAMES)
     for head in heads:
         if isinstance(head, (nn.Linear, nn.Conv2d)) and id(head) in names:

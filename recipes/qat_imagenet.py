@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import os
+import shlex
 import sys
 
 import yaml
@@ -163,13 +164,14 @@ def main(argv=None) -> int:
         config = load_config(args.config, args.set)
         if args.output_dir:
             config["output_dir"] = args.output_dir
-        return run(config, args.resume)
+        given = argv if argv is not None else sys.argv[1:]
+        return run(config, args.resume, arguments=" ".join(shlex.quote(a) for a in given))
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
-def run(config: dict, resume=None) -> int:
+def run(config: dict, resume=None, arguments: str = "") -> int:
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
     from safetensors.torch import save_file
@@ -262,13 +264,19 @@ def run(config: dict, resume=None) -> int:
                "top5": metrics.get("top5"), "average_weight_bits": avg_bits,
                "epoch_time_s": [h["epoch_time_s"] for h in metrics["history"]],
                "num_processes": accelerator.num_processes, "rank_state_digests": digests,
-               "bit_map": adq_hf.bit_map(student), "quantization_config": qconfig.to_dict()}
+               "bit_map": adq_hf.bit_map(student), "quantization_config": qconfig.to_dict(),
+               "command": (f"accelerate launch --num_processes {accelerator.num_processes} " if accelerator.num_processes > 1
+                           else "python ") + f"recipes/qat_imagenet.py {arguments}".strip()}
     if accelerator.is_main_process:
         final = os.path.join(out, "final")
         adq_hf.save_pretrained(student, final, data_config=resolved)
         adq_hf.write_report(student, None, final)
         with open(os.path.join(out, "results.json"), "w") as fh:
             json.dump(results, fh, indent=2)
+        from adq_hf.model_card import write_model_card
+
+        write_model_card(final, results=results, recipe_config=yaml.safe_dump(config, sort_keys=False),
+                         command=results["command"])
     accelerator.wait_for_everyone()
     accelerator.print(
         f"FP top-1 {100 * fp_metrics['top1']:.2f}% | quantized top-1 {100 * metrics['top1']:.2f}% | "

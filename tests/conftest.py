@@ -1,3 +1,6 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -9,3 +12,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The Hub tests (tests/test_hub.py) run the real huggingface_hub client against tests/hub_server.py
+# on 127.0.0.1. huggingface_hub reads its endpoint, offline flag and cache location when it is first
+# imported, so they are set here, before any test module imports it: every Hub request of the test
+# session goes to 127.0.0.1 (never to huggingface.co), into a cache of its own.
+def _reserve_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+LOCAL_HUB_PORT = _reserve_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{LOCAL_HUB_PORT}"
+os.environ["HF_HUB_OFFLINE"] = "0"  # scripts/test.sh sets 1 for the rest; only 127.0.0.1 is reachable here
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="adq_hf-test-hub-cache-")
+os.environ.pop("HF_TOKEN", None)

@@ -125,11 +125,11 @@ def test_config_json_layout(tmp_path):
     with open(tmp_path / "model.safetensors", "rb") as fh:  # the header names the format and the layers
         header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
     meta = header["__metadata__"]
-    assert meta["format"] == "adq_hf" and meta["format_version"] == "1"
+    assert meta["format"] == "pt" and meta["adq_hf_format"] == "1"
     layers = json.loads(meta["layers"])
     assert layers["fc"] == {"shape": [7, 96], "bits": 4, "dtype": "torch.float32"}
-    assert header["fc.weight_codes"]["dtype"] == "U8" and header["fc.weight_codes"]["shape"] == [7 * 96 * 4 // 8]
-    assert "fc.weight" not in header and "layer1.0.conv1.weight_quantizer.codebook" in header
+    assert header["fc.weight"]["dtype"] == "U8" and header["fc.weight"]["shape"] == [7 * 96 * 4 // 8]
+    assert "layer1.0.conv1.weight_quantizer.codebook" in header  # the float weight itself is not stored
 
 
 @pytest.fixture(scope="module")
@@ -249,19 +249,19 @@ def test_valid_file_whose_header_length_looks_like_pickle(saved, first_bytes):
 def test_damaged_codes_version_and_missing_tensors(saved):
     file = saved / "model.safetensors"
     original = file.read_bytes()
-    _rewrite(file, edit_tensors=lambda t: t.update({"fc.weight_codes": t["fc.weight_codes"][:-1].clone()}))
-    with pytest.raises(CheckpointError, match=r"'fc.weight_codes' has 959 bytes, expected 960: the file is damaged"):
+    _rewrite(file, edit_tensors=lambda t: t.update({"fc.weight": t["fc.weight"][:-1].clone()}))
+    with pytest.raises(CheckpointError, match=r"'fc.weight' has 959 bytes, expected 960: the file is damaged"):
         timm.create_model(f"local-dir:{saved}")
     file.write_bytes(original)
-    _rewrite(file, edit_tensors=lambda t: t.pop("fc.weight_codes"))
-    with pytest.raises(CheckpointError, match=r"lacks 'fc.weight_codes'"):
+    _rewrite(file, edit_tensors=lambda t: t.pop("fc.weight"))
+    with pytest.raises(CheckpointError, match=r"lacks 'fc.weight'"):
         timm.create_model(f"local-dir:{saved}")
     file.write_bytes(original)
     _rewrite(file, edit_tensors=lambda t: t.pop("fc.bias"))
     with pytest.raises(CheckpointError, match=r"does not match the model: missing \['fc.bias'\]"):
         timm.create_model(f"local-dir:{saved}")
     file.write_bytes(original)
-    _rewrite(file, edit_meta=lambda m: m.update(format_version="2"))
+    _rewrite(file, edit_meta=lambda m: m.update(adq_hf_format="2"))
     with pytest.raises(CheckpointError, match="format version '2'; this adq_hf reads version 1: upgrade adq_hf"):
         timm.create_model(f"local-dir:{saved}")
     os.remove(file)
@@ -292,5 +292,5 @@ def test_plain_timm_refuses_the_packed_checkpoint(saved):
     """Without adq_hf's create_model, timm must not silently build a float model from it."""
     from adq_hf.integrations.timm import _timm_create_model
 
-    with pytest.raises(RuntimeError, match="weight_codes|Missing key"):
+    with pytest.raises(RuntimeError, match="size mismatch for conv1.0.weight"):
         _timm_create_model(f"local-dir:{saved}", pretrained=True)

@@ -44,8 +44,14 @@ def _fetch(scheme: str, location: str, filename: str, revision: Optional[str], c
             raise FileNotFoundError(f"{path} does not exist: a local-dir checkpoint needs {filename}.")
         return str(path)
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
-    return hf_hub_download(location, filename, revision=revision, cache_dir=cache_dir)
+    try:
+        return hf_hub_download(location, filename, revision=revision, cache_dir=cache_dir)
+    except RemoteEntryNotFoundError:
+        at = f" at revision {revision}" if revision else ""
+        raise CheckpointError(f"hf-hub:{location}{at} has no {filename}: the upload is incomplete; push the model "
+                              "again (adq_hf.push_to_hub or adq-hf push).") from None
 
 
 def checkpoint_quantization_config(model_name: str, cache_dir=None) -> Optional[ADQConfig]:

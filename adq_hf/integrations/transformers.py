@@ -37,28 +37,32 @@ class ADQHfQuantizer(HfQuantizer):
         # Keys this quantizer fills in itself after loading: not "missing" for transformers' report.
         ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
         for name, layer in quantized_layers(model):
-            prefix = re.escape(name)
             if self.pre_quantized:
-                shape = (packed_size(layer.latent_weight().numel(), layer.weight_bits),)
+                # The checkpoint stores packed uint8 codes under ``weight``: hold them in a buffer of
+                # that shape while transformers loads, and turn them back into the float weight after.
+                weight = layer._parameters.pop("weight")
+                layer._adq_float_weight = (tuple(weight.shape), weight.dtype)
+                shape = (packed_size(weight.numel(), layer.weight_bits),)
                 layer.register_buffer(CODES_SUFFIX, torch.empty(shape, dtype=torch.uint8, device="meta"))
-                ignore.add(rf"(^|\.){prefix}\.weight$")
             else:
-                ignore.add(rf"(^|\.){prefix}\.(weight_quantizer|input_quantizer)\.")
+                ignore.add(rf"(^|\.){re.escape(name)}\.(weight_quantizer|input_quantizer)\.")
         model._keys_to_ignore_on_load_missing = sorted(ignore)
         return model
 
     @torch.no_grad()
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name, layer in quantized_layers(model):
-            weight = layer.latent_weight()
             if self.pre_quantized:
                 packed = layer._buffers.pop(CODES_SUFFIX)
+                shape, dtype = layer.__dict__.pop("_adq_float_weight")
                 if packed.device.type == "meta":
                     raise CheckpointError(f"the checkpoint has no {name}.{CODES_SUFFIX}: it is damaged or not an adq_hf checkpoint.")
-                codes = unpack_codes(packed.cpu(), layer.weight_bits, weight.numel()).reshape(weight.shape)
-                weight.copy_(layer.weight_quantizer.decode(codes.to(weight.device)).to(weight.dtype))
+                weight = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=packed.device))
+                codes = unpack_codes(packed.cpu(), layer.weight_bits, weight.numel()).reshape(shape)
+                weight.copy_(layer.weight_quantizer.decode(codes.to(weight.device)).to(dtype))
+                layer.register_parameter("weight", weight)
             else:  # float checkpoint: quantizer state was created empty; initialise it now
-                layer.weight_quantizer.init_from(weight)
+                layer.weight_quantizer.init_from(layer.latent_weight())
                 if layer.input_quantizer is not None:
                     layer.input_quantizer.initialized.fill_(False)
         return model
