@@ -14,7 +14,7 @@ from .integrations import timm as _timm_integration
 from .integrations import transformers as _transformers_integration
 from .integrations.timm import create_model, save_pretrained
 from .mixed_precision import allocate_bits, estimate_sensitivity, write_report
-from . import hub
+from . import hub, ptq
 from .hub import push_to_hub
 
 _timm_integration.install()
@@ -32,6 +32,7 @@ __all__ = [
     "calibrate_activations",
     "create_model",
     "hub",
+    "ptq",
     "push_to_hub",
     "save_pretrained",
     "quantize_model",

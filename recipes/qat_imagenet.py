@@ -35,6 +35,8 @@ DEFAULTS = {
              "std": None, "train_limit": None, "eval_limit": None},
     "quantization": {"weight_bits": 4, "activation_bits": 4},
     "calibration": {"num_batches": 4},
+    "init": "weights",  # or "ptq": one-shot PTQ (adq_hf.ptq) on the calibration batches before QAT
+    "ptq": {"method": "sa"},
     "distill": {"kd_weight": 1.0, "ce_weight": 0.5, "temperature": 2.0},
     "optim": {"optimizer": "sgd", "epochs": 1, "lr": 0.01, "quantizer_lr": 0.001, "weight_decay": 5e-5,
               "momentum": 0.9, "warmup_steps": 50, "grad_accum": 1, "clip_grad": 5.0, "max_steps": None,
@@ -158,12 +160,17 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML file (recipes/configs/*.yaml)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--output-dir", help="overrides output_dir")
+    parser.add_argument("--init", choices=["weights", "ptq"], help="QAT starting point (overrides init)")
     parser.add_argument("--resume", nargs="?", const="latest", help="'latest' (default) or a checkpoint folder")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.set)
         if args.output_dir:
             config["output_dir"] = args.output_dir
+        if args.init:
+            config["init"] = args.init
+        if config["init"] not in ("weights", "ptq"):
+            raise RecipeError(f"init={config['init']!r}: choose 'weights' or 'ptq'")
         given = argv if argv is not None else sys.argv[1:]
         return run(config, args.resume, arguments=" ".join(shlex.quote(a) for a in given))
     except RecipeError as err:
@@ -248,6 +255,11 @@ def run(config: dict, resume=None, arguments: str = "") -> int:
         load_float_weights(student, teacher_path)
     calibration = [batch for _, batch in zip(range(config["calibration"]["num_batches"]), calib_loader)]
     adq_hf.quantize_model(student, qconfig, calibration_data=calibration)
+    if config["init"] == "ptq" and resume is None:  # a resumed run restores its own weights
+        from adq_hf.ptq import quantize as post_training_quantize
+
+        post_training_quantize(student, calibration, method=config["ptq"]["method"], progress=False)
+        accelerator.print(f"PTQ ({config['ptq']['method']}) initialisation done")
     settings = TrainSettings(epochs=optim["epochs"], lr=optim["lr"], quantizer_lr=optim["quantizer_lr"],
                              warmup_steps=optim["warmup_steps"], checkpoint_every=optim["checkpoint_every"],
                              kd_weight=config["distill"]["kd_weight"], ce_weight=config["distill"]["ce_weight"],

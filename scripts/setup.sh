@@ -24,15 +24,20 @@ if ! $PY -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) fo
   touch .venv/.adq_hf_installed
 fi
 
-if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
-  HOWTO="run 'apt-get update && apt-get install dataset-fashion-mnist' as root, or give this machine internet access (adq_hf then downloads it with datasets.load_dataset('fashion_mnist'))"
+# Debian data packages: the full Fashion-MNIST (images) and fortunes-min (real English sentences for
+# the transformer fidelity measurements).
+MISSING=()
+[[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]] || MISSING+=(dataset-fashion-mnist)
+[[ -f /usr/share/games/fortunes/fortunes ]] || MISSING+=(fortunes-min)
+if (( ${#MISSING[@]} )); then
+  HOWTO="run 'apt-get update && apt-get install ${MISSING[*]}' as root (without Fashion-MNIST, adq_hf downloads it with datasets.load_dataset('fashion_mnist') when the machine has internet access)"
   if [[ $(id -u) -eq 0 ]]; then SUDO=(); elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO=(sudo -n); else SUDO=(none); fi
   if [[ ${SUDO[*]-} == none ]]; then
-    echo "setup: Fashion-MNIST is missing and this user cannot install Debian packages: $HOWTO." >&2
+    echo "setup: ${MISSING[*]} missing and this user cannot install Debian packages: $HOWTO." >&2
   else
-    echo "setup: installing the Debian package dataset-fashion-mnist"
-    if ! { quiet "${SUDO[@]}" apt-get update -qq && quiet "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }; then
-      echo "setup: could not install dataset-fashion-mnist (continuing): $HOWTO." >&2
+    echo "setup: installing the Debian packages ${MISSING[*]}"
+    if ! { quiet "${SUDO[@]}" apt-get update -qq && quiet "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${MISSING[@]}"; }; then
+      echo "setup: could not install ${MISSING[*]} (continuing): $HOWTO." >&2
     fi
   fi
 fi

@@ -30,3 +30,17 @@ def test_qat_accuracy_quick_tier(tmp_path):
         assert 0 <= row["top1"] <= 1 and 0 <= row["fp_top1"] <= 1 and len(row["epoch_time_s"]) == 1
     assert result["rows"]["mixed2.8"]["average_weight_bits"] <= 2.8
     assert "| w2a2 |" in (tmp_path / "qat_accuracy_quick.md").read_text()
+
+
+def test_ptq_quick_tier(tmp_path):
+    import ptq
+
+    assert ptq.main(["--tier", "quick", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
+    result = json.load(open(tmp_path / "ptq_quick.json"))
+    methods = {(r["model"], r["method"]) for r in result["rows"]}
+    assert {("resnet20", m) for m in ptq.METHODS} <= methods and ("minilm", "sa") in methods
+    for row in result["rows"]:
+        if row["method"] != "fp":
+            assert row["wall_s"] > 0 and row["recon_error"] >= 0
+    assert all(0 <= r["top1"] <= 1 for r in result["rows"] if "top1" in r)
+    assert "| resnet20 | 3 | obq |" in (tmp_path / "ptq_quick.md").read_text()

@@ -1,0 +1,63 @@
+"""What every benchmark shares: the run record (machine, torch, commit, time, command), result
+files (JSON + markdown) and the Fashion-MNIST full-precision ResNet-20 teacher of the recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEACHER_CONFIG = os.path.join(ROOT, "recipes", "configs", "fmnist_resnet20_w4a4.yaml")
+TEACHER_OVERRIDES = ["teacher.epochs=2", "optim.warmup_steps=30"]  # the B1 standard tier's teacher
+
+
+def run_record(script: str, argv) -> dict:
+    import torch
+
+    return {
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "platform": platform.platform()},
+        "commit": commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def write_results(out_dir: str, stem: str, result: dict, markdown_lines: List[str]) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, stem)
+    with open(path + ".json", "w") as fh:
+        json.dump(result, fh, indent=2)
+    with open(path + ".md", "w") as fh:
+        fh.write("\n".join(markdown_lines) + "\n")
+    print("\n".join(markdown_lines))
+    return path
+
+
+def fmnist_teacher(cache_dir=None) -> str:
+    """Path of the recipes' FP ResNet-20 Fashion-MNIST teacher (B1 standard tier settings), trained
+    once by the recipe itself (``optim.max_steps=1`` skips any real QAT) when not cached yet."""
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    import qat_imagenet
+
+    overrides = TEACHER_OVERRIDES + ([f"cache_dir={cache_dir}"] if cache_dir else [])
+    path = qat_imagenet.teacher_cache_path(qat_imagenet.load_config(TEACHER_CONFIG, overrides))
+    if not os.path.isfile(path):
+        out = os.path.join(ROOT, "outputs", "benchmarks", "teacher")
+        cmd = [sys.executable, os.path.join(ROOT, "recipes", "qat_imagenet.py"), "--config", TEACHER_CONFIG,
+               "--output-dir", out, "--set", *overrides, "optim.max_steps=1"]
+        print("training the FP teacher once (cached):", " ".join(cmd))
+        subprocess.run(cmd, check=True)
+    return path
