@@ -18,8 +18,8 @@ from .quantizers import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
 QUANT_METHOD = "adq"
 BITS_RANGE = range(2, 9)
 # Named in the roadmap; selecting one before it exists gives a clear "not available yet" error.
-PLANNED_WEIGHT_QUANTIZERS = ("post",)
-PLANNED_ACTIVATION_QUANTIZERS = ("asq",)
+PLANNED_WEIGHT_QUANTIZERS: tuple = ()
+PLANNED_ACTIVATION_QUANTIZERS: tuple = ()
 GRANULARITIES = ("per_tensor", "per_channel")
 CODEBOOK_INITS = ("quantile", "uniform")
 CODEBOOK_UPDATES = ("ema", "static")
@@ -59,14 +59,17 @@ class ADQConfig(QuantizationConfigMixin):
     Args:
         weight_bits: default bits of quantized weights (2-8).
         activation_bits: bits of layer inputs; ``None`` keeps activations in float (weight-only).
-        weight_quantizer: ``"adq"`` (codebook, quantile init + EMA) or ``"lsq"`` (uniform, learned step).
-        activation_quantizer: ``"n2uq"`` (learned thresholds, uniform levels) or ``"lsq"``.
+        weight_quantizer: ``"adq"`` (codebook, quantile init + EMA), ``"lsq"`` (uniform, learned step)
+            or ``"post"`` (powers of sqrt(2) times a learned per-channel scale).
+        activation_quantizer: ``"n2uq"`` (learned thresholds, uniform levels), ``"lsq"`` or ``"asq"``
+            (LSQ with a per-sample / per-token step multiplier from a small adapter).
         layer_bits: ``{module name or regex: bits}``; the first full match wins, over every default
             (a mixed-precision bit map; the allocator writes it here).
         modules_to_not_convert: module names or regexes kept in float (a name also covers its children).
         first_layer_bits / last_layer_bits: bits of the model's first layer (stem conv / patch embed)
             and classifier; ``None`` keeps them in float. Their input quantizer uses the same bits.
-        granularity: one codebook/step per tensor (``"per_tensor"``) or per output channel.
+        granularity: one codebook/step per tensor (``"per_tensor"``) or per output channel (adq, lsq;
+            POST always has one scale per output channel).
         codebook_init: ``"quantile"`` (ADQ) or ``"uniform"`` (ablation).
         codebook_update: ``"ema"`` (ADQ online adaptation) or ``"static"`` (ablation).
         ema_decay: EMA decay ``m`` in ``c <- m c + (1 - m) mean``, in (0, 1).

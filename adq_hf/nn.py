@@ -13,7 +13,7 @@ quantized weight.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+from typing import Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +136,14 @@ def convert_layer(
     module.add_module("input_quantizer", None if input_quantizer is None else input_quantizer.to(device=weight.device))
     module.__class__ = quant_cls
     return module
+
+
+def input_channels(module: nn.Module) -> Tuple[int, int]:
+    """``(channel count, channel axis)`` of a Linear/Conv2d input: ``(in_channels, 1)`` for NCHW
+    convs, ``(in_features, -1)`` for Linear (whatever its leading axes: tokens, NHWC pixels)."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, 1
+    return module.in_features, -1
 
 
 def is_quantized_layer(module: nn.Module) -> bool:

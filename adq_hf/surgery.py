@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import ADQConfig
-from .nn import convert_layer, is_quantized_layer, quantized_class_for, quantized_layers
+from .nn import convert_layer, input_channels, is_quantized_layer, quantized_class_for, quantized_layers
 from .quantizers import make_activation_quantizer, make_weight_quantizer
 
 _CLASSIFIER_NAMES = ("classifier", "score", "head", "fc")
@@ -159,7 +159,9 @@ def quantize_model(
         module = modules[plan.name]
         weight = module._parameters["weight"]
         wq = make_weight_quantizer(config, plan.weight_bits, weight.shape)
-        aq = None if plan.activation_bits is None else make_activation_quantizer(config, plan.activation_bits)
+        aq = None
+        if plan.activation_bits is not None:
+            aq = make_activation_quantizer(config, plan.activation_bits, *input_channels(module))
         if init_from_weights and weight.device.type != "meta":
             wq.init_from(weight.detach())
         convert_layer(module, wq, aq)

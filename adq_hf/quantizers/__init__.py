@@ -1,8 +1,8 @@
 """Quantizers behind one interface (``base.py``) and a name registry.
 
-``make_weight_quantizer(config, bits, weight_shape)`` and ``make_activation_quantizer(config, bits)``
-are the only way the rest of the package builds a quantizer, so a method is chosen by name in
-``ADQConfig`` and nowhere else.
+``make_weight_quantizer(config, bits, weight_shape)`` and
+``make_activation_quantizer(config, bits, in_features, channel_dim)`` are the only way the rest of
+the package builds a quantizer, so a method is chosen by name in ``ADQConfig`` and nowhere else.
 """
 
 from .base import (
@@ -13,10 +13,12 @@ from .base import (
     register_activation_quantizer,
     register_weight_quantizer,
 )
-from . import codebook, lsq, n2uq  # noqa: F401  (registration side effect)
+from . import asq, codebook, lsq, n2uq, post  # noqa: F401  (registration side effect)
+from .asq import ASQActivationQuantizer
 from .codebook import CodebookWeightQuantizer
 from .lsq import LSQActivationQuantizer, LSQWeightQuantizer
 from .n2uq import N2UQActivationQuantizer
+from .post import POSTWeightQuantizer
 
 
 def make_weight_quantizer(config, bits: int, weight_shape) -> WeightQuantizer:
@@ -26,10 +28,12 @@ def make_weight_quantizer(config, bits: int, weight_shape) -> WeightQuantizer:
     return cls(bits)
 
 
-def make_activation_quantizer(config, bits: int) -> ActivationQuantizer:
+def make_activation_quantizer(config, bits: int, in_features=None, channel_dim: int = -1) -> ActivationQuantizer:
+    """``in_features``: the layer's input channel count, on axis ``channel_dim`` of its input (1 for
+    Conv2d's NCHW, -1 for Linear); only quantizers with a ``from_config`` (ASQ's adapter) use them."""
     cls = ACTIVATION_QUANTIZERS[config.activation_quantizer]
     if hasattr(cls, "from_config"):
-        return cls.from_config(config, bits)
+        return cls.from_config(config, bits, in_features=in_features, channel_dim=channel_dim)
     return cls(bits)
 
 
@@ -38,10 +42,12 @@ __all__ = [
     "WEIGHT_QUANTIZERS",
     "ActivationQuantizer",
     "WeightQuantizer",
+    "ASQActivationQuantizer",
     "CodebookWeightQuantizer",
     "LSQWeightQuantizer",
     "LSQActivationQuantizer",
     "N2UQActivationQuantizer",
+    "POSTWeightQuantizer",
     "make_weight_quantizer",
     "make_activation_quantizer",
     "register_weight_quantizer",

@@ -1,5 +1,12 @@
 """LSQ (Esser et al., 2020): uniform quantization with a learned step size, for weights and
-activations. The baseline every adq_hf benchmark compares against."""
+activations. The baseline every adq_hf benchmark compares against.
+
+Clip, then round (``round_ste(clamp(v))``, the paper's order): the clip's gradient mask then comes
+from the unrounded ``v = x / step``, so every value strictly inside ``(qmin, qmax)`` passes its
+gradient and the step gets ``round(v) - v`` there. Rounding first would hand the clip the rounded
+value, and ``torch.clamp`` passes no gradient at its bounds: everything rounding to ``qmin`` or
+``qmax`` (all of ``(0, 0.5)`` after ReLU) would get none, and the step ``qmax`` instead of
+``qmax - v``. Both orders give the same values."""
 
 from __future__ import annotations
 
@@ -61,7 +68,7 @@ class LSQWeightQuantizer(WeightQuantizer):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         rows = self._rows(weight)
         step = grad_scale(self.step, 1.0 / math.sqrt(rows.shape[1] * self.qmax))
-        ints = torch.clamp(round_ste(rows / step), self.qmin, self.qmax)
+        ints = round_ste(torch.clamp(rows / step, self.qmin, self.qmax))
         return (ints * step).reshape(weight.shape).to(weight.dtype)
 
 
@@ -83,9 +90,13 @@ class LSQActivationQuantizer(ActivationQuantizer):
         self.step.copy_((2 * x.abs().mean() / math.sqrt(qmax)).clamp(min=1e-8))
         self.initialized.fill_(True)
 
+    def effective_step(self, x: torch.Tensor, qmax: int) -> torch.Tensor:
+        """The step ``x`` is quantized with (LSQ's gradient scaling applied); ASQ multiplies it."""
+        return grad_scale(self.step, 1.0 / math.sqrt(x.numel() * qmax))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             self.init_from(x)
         qmin, qmax = self.int_range()
-        step = grad_scale(self.step, 1.0 / math.sqrt(x.numel() * qmax))
-        return torch.clamp(round_ste(x / step), qmin, qmax) * step
+        step = self.effective_step(x, qmax)
+        return round_ste(torch.clamp(x / step, qmin, qmax)) * step
