@@ -16,6 +16,7 @@ from .integrations.timm import create_model, save_pretrained
 from .mixed_precision import allocate_bits, estimate_sensitivity, write_report
 from . import hub, ptq
 from .hub import push_to_hub
+from .deploy import convert_for_inference, export_onnx, memory_report, resident_bytes
 
 _timm_integration.install()
 _transformers_integration.register()
@@ -24,17 +25,21 @@ __all__ = [
     "ADQConfig",
     "allocate_bits",
     "estimate_sensitivity",
+    "export_onnx",
     "write_report",
     "QuantConv2d",
     "QuantLinear",
     "average_weight_bits",
     "bit_map",
     "calibrate_activations",
+    "convert_for_inference",
     "create_model",
     "hub",
+    "memory_report",
     "ptq",
     "push_to_hub",
     "save_pretrained",
     "quantize_model",
     "quantized_layers",
+    "resident_bytes",
 ]

@@ -7,6 +7,7 @@
     adq-hf card outputs/fmnist_resnet20_w2a2          # README.md model card from a recipe run
     adq-hf push outputs/fmnist_resnet20_w2a2/final org/resnet20-fmnist-w2a2 [--private] [--revision B]
     adq-hf download org/resnet20-fmnist-w2a2 [--revision SHA] [--local-dir DIR]
+    adq-hf export outputs/fmnist_resnet20_w2a2/final model.onnx [--input-size 1 28 28]   # needs adq_hf[deploy]
 """
 
 from __future__ import annotations
@@ -162,6 +163,36 @@ def _download(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import torch
+
+    from .deploy import convert_for_inference, export_onnx
+
+    source = args.model
+    folder = source[len("local-dir:"):] if source.startswith("local-dir:") else source
+    config = {}
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json")) as fh:
+            config = json.load(fh)
+    if source.startswith("hf-hub:") or "architecture" in config:  # timm's save_for_hf layout
+        import timm
+
+        from .data import resolve_data_config
+
+        model = timm.create_model(source if source.startswith("hf-hub:") else f"local-dir:{folder}", deploy=True)
+        example = torch.randn(args.batch_size, *resolve_data_config(model, args.input_size)["input_size"])
+    else:  # a transformers checkpoint folder
+        from transformers import AutoModel
+
+        model = convert_for_inference(AutoModel.from_pretrained(folder))
+        ids = torch.ones(args.batch_size, args.seq_len, dtype=torch.long)
+        example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    result = export_onnx(model, example, args.out, dynamic_batch=not args.static_batch, verify=not args.no_verify)
+    checked = "" if args.no_verify else f"; onnxruntime vs PyTorch: relative L2 error {result['rel_l2']:.2g}"
+    print(f"wrote {args.out} ({result['bytes']:,} bytes){checked}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="adq-hf", description="adq_hf command-line tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +248,17 @@ def main(argv=None) -> int:
     down.add_argument("--local-dir")
     down.add_argument("--cache-dir")
     down.set_defaults(handler=_download)
+
+    export = sub.add_parser("export", help="export a quantized checkpoint to ONNX (look-up-table form), checked in onnxruntime")
+    export.add_argument("model", help="a saved folder (timm or transformers), local-dir:PATH or hf-hub:org/name (timm)")
+    export.add_argument("out", help="the .onnx file to write")
+    export.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                        help="timm models: example input size (default: the model's data config)")
+    export.add_argument("--seq-len", type=int, default=128, help="transformers models: example sequence length")
+    export.add_argument("--batch-size", type=int, default=1, help="example batch size")
+    export.add_argument("--static-batch", action="store_true", help="a fixed batch size instead of a dynamic batch axis")
+    export.add_argument("--no-verify", action="store_true", help="do not run the file in onnxruntime")
+    export.set_defaults(handler=_export)
 
     args = parser.parse_args(argv)
     try:

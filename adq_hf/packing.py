@@ -21,13 +21,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     flat = codes.reshape(-1).to(torch.int64)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits}) for {bits}-bit packing")
-    shifts = torch.arange(bits, device=flat.device)
-    stream = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
-    pad = (-stream.numel()) % 8
-    if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
-    weights = (1 << torch.arange(8, device=flat.device)).to(torch.int64)
-    return (stream.reshape(-1, 8).to(torch.int64) * weights).sum(dim=1).to(torch.uint8)
+    # 8 codes fill ``bits`` whole bytes: join each group of 8 into one 64-bit word, split it into bytes
+    groups = -(-flat.numel() // 8)
+    flat = torch.nn.functional.pad(flat, (0, groups * 8 - flat.numel())).reshape(groups, 8)
+    word = (flat << (bits * torch.arange(8, device=flat.device))).sum(dim=1, keepdim=True)
+    stream = (word >> (8 * torch.arange(bits, device=flat.device))) & 0xFF
+    return stream.reshape(-1)[: packed_size(codes.numel(), bits)].to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -38,7 +37,22 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
             f"packed codes must be a 1-D uint8 tensor of {expected} bytes for {numel} {bits}-bit codes, "
             f"got {tuple(packed.shape)} {packed.dtype}"
         )
-    shifts = torch.arange(8, device=packed.device)
-    stream = ((packed.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[: numel * bits]
-    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int64)
-    return (stream.reshape(numel, bits) * weights).sum(dim=1)
+    return unpack_stream(packed, bits, numel)
+
+
+def unpack_stream(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """:func:`unpack_codes` without the checks (deploy mode calls it at every forward).
+
+    For ``bits`` in 1, 2, 4, 8 a byte holds ``8 / bits`` whole codes: shifts on uint8. Otherwise
+    ``bits`` bytes hold 8 codes: they are joined into one 64-bit word, then shifted.
+    """
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed.unsqueeze(1) >> shifts) & mask
+    else:
+        words = -(-packed.numel() // bits)
+        padded = torch.nn.functional.pad(packed, (0, words * bits - packed.numel())).reshape(words, bits).long()
+        word = (padded << (8 * torch.arange(bits, device=packed.device))).sum(dim=1, keepdim=True)
+        codes = (word >> (bits * torch.arange(8, device=packed.device))) & mask
+    return codes.reshape(-1)[:numel].long()

@@ -12,6 +12,7 @@ before anything is loaded. Only safetensors is ever read: no pickle.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Dict, Tuple
 
@@ -41,15 +42,29 @@ def quantized_state_dict(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dic
     state = {k: v.detach() for k, v in model.state_dict().items()}
     layers = {}
     for name, layer in quantized_layers(model):
-        weight = state[_prefix(name) + "weight"]
-        codes = layer.weight_quantizer.encode(weight)
-        state[_prefix(name) + CODES_SUFFIX] = pack_codes(codes.cpu(), layer.weight_bits)
-        layers[name] = {"shape": list(weight.shape), "bits": layer.weight_bits, "dtype": str(weight.dtype)}
+        shape, dtype = _float_weight_info(layer)
+        if not _is_deployed(layer):  # a deployed layer's ``weight`` already is its packed codes
+            codes = layer.weight_quantizer.encode(state[_prefix(name) + "weight"])
+            state[_prefix(name) + CODES_SUFFIX] = pack_codes(codes.cpu(), layer.weight_bits)
+        layers[name] = {"shape": list(shape), "bits": layer.weight_bits, "dtype": str(dtype)}
     if not layers:
         raise CheckpointError("the model has no quantized layer: quantize it with adq_hf.quantize_model first.")
     state = {k: v.contiguous().cpu() for k, v in state.items()}
     metadata = {"format": "pt", FORMAT_KEY: FORMAT_VERSION, "layers": json.dumps(layers, sort_keys=True)}
     return state, metadata
+
+
+def _is_deployed(layer: nn.Module) -> bool:
+    """A deployed layer (adq_hf.deploy) keeps packed codes in ``_buffers["weight"]``, no float weight."""
+    return getattr(layer, "is_deployed", False)
+
+
+def _float_weight_info(layer: nn.Module):
+    """``(shape, dtype)`` of a quantized layer's float weight."""
+    if _is_deployed(layer):
+        return tuple(layer.weight_shape), layer.weight_dtype
+    weight = layer.latent_weight()
+    return tuple(weight.shape), weight.dtype
 
 
 def _check_metadata(metadata, source: str) -> Dict[str, dict]:
@@ -80,13 +95,14 @@ def load_quantized_state_dict(
             f"{source} does not match the model's quantized layers (missing in file: {missing[:5]}, "
             f"not in model: {extra[:5]}): the model must be built with the checkpoint's quantization_config."
         )
-    decoded = {}
+    codes_of = {}
     for name, layer in model_layers.items():
-        info, weight = layers[name], layer.latent_weight()
-        if list(weight.shape) != info["shape"] or layer.weight_bits != info["bits"]:
+        info, (shape, _) = layers[name], _float_weight_info(layer)
+        numel = math.prod(shape)
+        if list(shape) != info["shape"] or layer.weight_bits != info["bits"]:
             raise CheckpointError(
                 f"{source}: layer {name!r} is stored as {info['bits']}-bit {info['shape']}, but the model "
-                f"expects {layer.weight_bits}-bit {list(weight.shape)}: the config or architecture differs."
+                f"expects {layer.weight_bits}-bit {list(shape)}: the config or architecture differs."
             )
         key = _prefix(name) + CODES_SUFFIX
         packed = state.pop(key, None)
@@ -95,10 +111,10 @@ def load_quantized_state_dict(
         if packed.dtype != torch.uint8 or packed.dim() != 1:
             raise CheckpointError(f"{source}: {key!r} is {packed.dtype} {list(packed.shape)}, not packed uint8 codes: "
                                   "the file is damaged or was not written by adq_hf.")
-        if packed.numel() != packed_size(weight.numel(), info["bits"]):
+        if packed.numel() != packed_size(numel, info["bits"]):
             raise CheckpointError(f"{source}: {key!r} has {packed.numel()} bytes, expected "
-                                  f"{packed_size(weight.numel(), info['bits'])}: the file is damaged.")
-        decoded[name] = unpack_codes(packed, info["bits"], weight.numel()).reshape(weight.shape)
+                                  f"{packed_size(numel, info['bits'])}: the file is damaged.")
+        codes_of[name] = packed
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # size mismatches (codebook groups, float layers): still a checkpoint problem
@@ -110,8 +126,12 @@ def load_quantized_state_dict(
             f"{source} does not match the model: missing {missing[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}."
         )
     for name, layer in model_layers.items():  # quantizer state is loaded now: decode with it
+        if _is_deployed(layer):  # deploy mode keeps the packed codes as they are
+            layer.set_packed_codes(codes_of[name])
+            continue
         weight = layer.latent_weight()
-        weight.copy_(layer.weight_quantizer.decode(decoded[name].to(weight.device)).to(weight.dtype))
+        codes = unpack_codes(codes_of[name], layer.weight_bits, weight.numel()).reshape(weight.shape)
+        weight.copy_(layer.weight_quantizer.decode(codes.to(weight.device)).to(weight.dtype))
 
 
 def save_file(model: nn.Module, path: str) -> None:

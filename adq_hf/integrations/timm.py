@@ -77,6 +77,7 @@ def create_model(
     model_name: str,
     pretrained: Optional[bool] = None,
     quantization_config: Optional[ADQConfig] = None,
+    deploy: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model`` that quantizes.
@@ -86,8 +87,17 @@ def create_model(
     * A ``local-dir:``/``hf-hub:`` checkpoint whose config.json has a ``quantization_config``: the
       architecture is built, quantized with that config and the packed weights are loaded (unless
       ``pretrained=False`` is passed explicitly: then only the architecture is built).
+    * ``deploy=True`` (such a checkpoint only): the packed codes are loaded as they are into deploy
+      mode (``adq_hf.convert_for_inference``, docs/deploy.md), never decoded into float weights.
     """
     saved_config = checkpoint_quantization_config(model_name, kwargs.get("cache_dir"))
+    if deploy and (saved_config is None or pretrained is False):
+        raise ValueError(
+            f"deploy=True loads the packed weights of an adq_hf checkpoint (local-dir:/hf-hub: with a "
+            f"quantization_config), and {model_name!r} " + ("is not one" if saved_config is None else
+                                                              "is built with pretrained=False (no weights)")
+            + "; for a model quantized in this process, call adq_hf.convert_for_inference(model) after calibration."
+        )
     if saved_config is None:
         model = _timm_create_model(model_name, pretrained=bool(pretrained), **kwargs)
         if quantization_config is not None:
@@ -100,6 +110,10 @@ def create_model(
         )
     model = _timm_create_model(model_name, pretrained=False, **kwargs)
     quantize_model(model, saved_config, init_from_weights=pretrained is False)
+    if deploy:
+        from ..deploy import convert_for_loading
+
+        convert_for_loading(model)  # the codes go straight into the deployed layers' packed buffers
     if pretrained is not False:
         scheme, location, revision = _source(model_name)
         load_file(model, _fetch(scheme, location, WEIGHTS_NAME, revision, kwargs.get("cache_dir")))

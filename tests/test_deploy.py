@@ -1,0 +1,318 @@
+"""Deploy mode (adq_hf.deploy): packed codes + look-up tables in memory, exact outputs, save/load,
+resident memory, ONNX in onnxruntime, refusal to train, timm deploy=True, MiniLM, CLI and B3."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+
+import adq_hf
+from adq_hf import ADQConfig
+from adq_hf.deploy import (
+    DeployedLayerMixin,
+    TrainingRefusedError,
+    convert_for_inference,
+    export_onnx,
+    is_deployed,
+    memory_report,
+    n2uq_thresholds,
+    onnx_session,
+    resident_bytes,
+    set_weight_cache,
+)
+from adq_hf.packing import pack_codes, unpack_codes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST = (1, 28, 28)
+CONFIGS = [
+    ADQConfig(weight_bits=2, activation_bits=2),
+    ADQConfig(weight_bits=3, activation_bits=3, weight_quantizer="lsq", activation_quantizer="lsq",
+              granularity="per_channel"),
+    ADQConfig(weight_bits=4, activation_bits=None, granularity="per_channel", layer_bits={r"layer1\..*": 5}),
+    ADQConfig(weight_bits=3, activation_bits=4, weight_quantizer="lsq"),
+    ADQConfig(weight_bits=7, activation_bits=8, first_layer_bits=6, last_layer_bits=None),
+]
+
+
+def _ids(config):
+    act = f"a{config.activation_bits}{config.activation_quantizer}" if config.activation_bits else "wonly"
+    return f"{config.weight_quantizer}-w{config.weight_bits}-{act}-{config.granularity}"
+
+
+def trained_resnet(config, steps=2):
+    """resnet20_cifar on Fashion-MNIST shapes, a few SGD steps so codebooks, steps and thresholds moved."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1, quantization_config=config)
+    x = torch.randn(8, *FMNIST)
+    adq_hf.calibrate_activations(model, [x])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(steps):
+        model(x).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), x
+
+
+def assert_same_checkpoint(folder, other):
+    """Same header metadata and tensors (the bytes may differ: safetensors writes metadata in hash order)."""
+    files = []
+    for path in (folder, other):
+        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+            files.append((f.metadata(), {k: f.get_tensor(k) for k in f.keys()}))
+    (meta, tensors), (other_meta, other_tensors) = files
+    assert meta == other_meta and tensors.keys() == other_tensors.keys()
+    for key, tensor in tensors.items():
+        assert tensor.dtype == other_tensors[key].dtype and torch.equal(tensor, other_tensors[key]), key
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+def test_deploy_outputs_equal_fake_quant_eval_bit_for_bit(config):
+    model, x = trained_resnet(config)
+    batch = torch.randn(16, *FMNIST)
+    with torch.no_grad():
+        expected, expected_batch = model(x), model(batch)
+    convert_for_inference(model)
+    layers = adq_hf.quantized_layers(model)
+    assert layers and all(isinstance(m, DeployedLayerMixin) for _, m in layers)
+    for _, layer in layers:  # packed codes only: no float weight parameter left
+        assert "weight" not in layer._parameters and layer.packed_weight.dtype == torch.uint8
+        bits = layer.weight_bits
+        assert layer.packed_weight.numel() == math.ceil(math.prod(layer.weight_shape) * bits / 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+        assert torch.equal(model(batch), expected_batch)
+
+
+def test_forward_overriding_timm_convs_deploy_exactly():
+    from timm.layers import Conv2dSame, ScaledStdConv2dSame, StdConv2d
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), Conv2dSame(4, 6, 3, stride=2), StdConv2d(6, 6, 3, padding=1),
+                                ScaledStdConv2dSame(6, 5, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    x = torch.randn(2, 3, 9, 9)
+    model(x)
+    adq_hf.quantize_model(model, ADQConfig(weight_bits=2, activation_bits=3), calibration_data=[x])
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    convert_for_inference(model)
+    assert type(model[1]).__name__ == "DeployedConv2dSame" and isinstance(model[1], Conv2dSame)
+    assert isinstance(model[2], StdConv2d) and isinstance(model[3], ScaledStdConv2dSame)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_round_trip_fake_quant_deploy_save_load(tmp_path):
+    model, x = trained_resnet(ADQConfig(weight_bits=2, activation_bits=2, granularity="per_channel"))
+    with torch.no_grad():
+        expected = model(x)
+    adq_hf.save_pretrained(model, str(tmp_path / "fake_quant"))
+    convert_for_inference(model)
+    adq_hf.save_pretrained(model, str(tmp_path / "deployed"))  # the codes are already there: same checkpoint
+    assert (tmp_path / "deployed" / "config.json").read_text() == (tmp_path / "fake_quant" / "config.json").read_text()
+    assert_same_checkpoint(tmp_path / "deployed", tmp_path / "fake_quant")
+    for folder in ("fake_quant", "deployed"):
+        deployed = timm.create_model(f"local-dir:{tmp_path / folder}", deploy=True)
+        fake_quant = timm.create_model(f"local-dir:{tmp_path / folder}").eval()
+        assert is_deployed(deployed) and not is_deployed(fake_quant)
+        with torch.no_grad():
+            assert torch.equal(deployed(x), expected)
+            assert torch.equal(fake_quant(x), expected)
+    adq_hf.save_pretrained(deployed, str(tmp_path / "again"))  # loaded in deploy form, saved again: unchanged
+    assert_same_checkpoint(tmp_path / "again", tmp_path / "fake_quant")
+
+
+def test_timm_deploy_keyword_needs_a_quantized_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="convert_for_inference"):
+        timm.create_model("resnet20_cifar", num_classes=10, in_chans=1, deploy=True)
+    model, _ = trained_resnet(ADQConfig(weight_bits=2), steps=0)
+    adq_hf.save_pretrained(model, str(tmp_path))
+    with pytest.raises(ValueError, match="pretrained=False"):
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=False, deploy=True)
+
+
+def test_resident_weight_memory_is_close_to_the_information_limit():
+    model, x = trained_resnet(ADQConfig(weight_bits=2, activation_bits=2), steps=0)
+    before = memory_report(model)
+    convert_for_inference(model)
+    after = memory_report(model)
+    limit = after["information_limit_bytes"]
+    assert limit == before["information_limit_bytes"]
+    params = sum(math.prod(m.weight_shape) for _, m in adq_hf.quantized_layers(model))
+    bits = sum(math.prod(m.weight_shape) * m.weight_bits for _, m in adq_hf.quantized_layers(model))
+    assert bits / 8 < limit < bits / 8 + 64 * 4 * len(adq_hf.quantized_layers(model))  # codes + tables
+    assert limit <= after["quantized_weight_bytes"] <= 1.02 * limit  # byte padding and 2 step counters per layer
+    assert after["fp32_weight_bytes"] == 4 * params and before["quantized_weight_bytes"] > after["fp32_weight_bytes"]
+    assert after["resident_bytes"] < 0.1 * before["resident_bytes"]
+    assert resident_bytes(model) == after["resident_bytes"]
+    # a cache under a budget keeps some decoded weights: more memory, same outputs
+    with torch.no_grad():
+        expected = model(x)
+    budget = 100_000
+    cached = set_weight_cache(model, budget)
+    assert 0 < cached <= budget and resident_bytes(model) == after["resident_bytes"] + cached
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    set_weight_cache(model, 0)
+    assert resident_bytes(model) == after["resident_bytes"]
+
+
+def test_deployed_model_refuses_training_with_a_clear_error():
+    model, x = trained_resnet(ADQConfig(weight_bits=2, activation_bits=2), steps=0)
+    convert_for_inference(model)
+    with pytest.raises(RuntimeError, match="load the fake-quant model for training"):
+        model.train()
+    model.eval()
+    with pytest.raises(TrainingRefusedError, match="deploy mode"):
+        model(x).sum().backward()
+    with pytest.raises(RuntimeError, match="no float weights to train"):
+        model.conv1.latent_weight()
+    assert not any(p.requires_grad for _, m in adq_hf.quantized_layers(model) for p in m.parameters())
+    with torch.no_grad():  # still fine for inference
+        assert model(x).shape == (8, 10)
+
+
+def test_decode_and_packing_match_the_reference_bit_order():
+    def reference_pack(codes, bits):  # the format's definition: one LSB-first bit stream
+        stream = [(int(c) >> k) & 1 for c in codes for k in range(bits)]
+        stream += [0] * (-len(stream) % 8)
+        return [sum(stream[i + k] << k for k in range(8)) for i in range(0, len(stream), 8)]
+
+    torch.manual_seed(0)
+    for bits in range(1, 9):
+        for n in (1, 5, 8, 13, 64, 101):
+            codes = torch.randint(0, 2**bits, (n,))
+            packed = pack_codes(codes, bits)
+            assert packed.tolist() == reference_pack(codes, bits)
+            assert torch.equal(unpack_codes(packed, bits, n), codes)
+    assert pack_codes(torch.tensor([1, 2, 3, 0, 1]), 2).tolist() == [0x39, 0x01]
+
+
+def test_n2uq_thresholds_reproduce_the_quantizer_at_every_boundary():
+    from adq_hf.quantizers import N2UQActivationQuantizer
+
+    torch.manual_seed(0)
+    for trial in range(40):
+        bits = (2, 3, 4, 8)[trial % 4]
+        quantizer = N2UQActivationQuantizer(bits)
+        sample = torch.randn(500) * 10 ** float(torch.empty(()).uniform_(-2, 2))
+        quantizer.init_from(sample if trial % 2 else sample.relu())
+        with torch.no_grad():  # uneven intervals, as training leaves them
+            quantizer.raw_intervals.mul_(torch.empty(2**bits - 1).uniform_(0.2, 3))
+        thresholds = n2uq_thresholds(quantizer)
+        down, up = torch.full_like(thresholds, -math.inf), torch.full_like(thresholds, math.inf)
+        x = torch.cat([thresholds, torch.nextafter(thresholds, down), torch.nextafter(thresholds, up), sample,
+                       torch.tensor([0.0, -1e30, 1e30])])
+        with torch.no_grad():
+            count = torch.searchsorted(thresholds, x, right=True).to(x.dtype)
+            assert torch.equal(quantizer.scale * (count + quantizer.zero_point), quantizer(x))
+
+
+def _onnx_graph(path):
+    import onnx
+
+    return onnx.load(path).graph
+
+
+@pytest.mark.parametrize("config", [ADQConfig(weight_bits=3), ADQConfig(weight_bits=2, activation_bits=2),
+                                    ADQConfig(weight_bits=4, activation_bits=4, weight_quantizer="lsq",
+                                              activation_quantizer="lsq", granularity="per_channel")], ids=_ids)
+def test_onnx_export_runs_in_onnxruntime_like_pytorch(tmp_path, config):
+    from onnx import TensorProto
+
+    model, x = trained_resnet(config)
+    path = str(tmp_path / "model.onnx")
+    result = export_onnx(model, x[:1], path)  # a fake-quant model: converted on a copy
+    assert not is_deployed(model) and result["rel_l2"] is not None and os.path.getsize(path) == result["bytes"]
+    graph = _onnx_graph(path)
+    initializers = {i.name: i for i in graph.initializer}
+    for name, layer in adq_hf.quantized_layers(model):  # LUT form: packed uint8 codes, never float weights
+        codes = initializers[f"{name}.weight"]
+        assert codes.data_type == TensorProto.UINT8 and list(codes.dims) == [math.ceil(
+            layer.latent_weight().numel() * layer.weight_bits / 8)]
+    assert sum(n.op_type == "GatherElements" for n in graph.node) == len(adq_hf.quantized_layers(model))
+    session = onnx_session(path)
+    for batch in (1, 16):  # dynamic batch
+        inputs = torch.randn(batch, *FMNIST)
+        with torch.no_grad():
+            expected = model(inputs)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
+        if config.activation_bits is None:
+            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+        else:  # a float rounding difference may move an activation across a rounding boundary: one level
+            assert (got - expected).norm() / expected.norm() < 0.1
+            assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
+
+
+def test_cli_export(tmp_path):
+    from adq_hf.cli import main
+
+    model, x = trained_resnet(ADQConfig(weight_bits=2, activation_bits=2), steps=0)
+    adq_hf.save_pretrained(model, str(tmp_path / "ckpt"))
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "ckpt"), str(out), "--input-size", *map(str, FMNIST)]) == 0
+    session = onnx_session(str(out))
+    assert session.get_inputs()[0].shape[1:] == list(FMNIST)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from transformers import AutoTokenizer
+
+    from adq_hf.data import minilm_path
+
+    path = minilm_path()
+    batch = AutoTokenizer.from_pretrained(path)(["The quick brown fox jumps over the lazy dog.", "Small and fast."],
+                                                padding=True, return_tensors="pt")
+    return path, dict(batch)
+
+
+def test_minilm_deploy_save_and_onnx(minilm, tmp_path):
+    from transformers import AutoModel
+
+    path, batch = minilm
+    model = AutoModel.from_pretrained(path, quantization_config=ADQConfig(weight_bits=4)).eval()
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+    model.save_pretrained(tmp_path / "fake_quant")
+    assert adq_hf.convert_for_inference(model) is model and is_deployed(model)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).last_hidden_state, expected)
+    report = memory_report(model)
+    assert report["quantized_weight_bytes"] <= 1.01 * report["information_limit_bytes"]
+    assert report["quantized_weight_bytes"] < 0.13 * report["fp32_weight_bytes"]
+    model.save_pretrained(tmp_path / "deployed")  # transformers' own save, through the HfQuantizer
+    assert_same_checkpoint(tmp_path / "deployed", tmp_path / "fake_quant")
+    reloaded = adq_hf.convert_for_inference(AutoModel.from_pretrained(tmp_path / "deployed"))
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).last_hidden_state, expected)
+    with pytest.raises(RuntimeError, match="fake-quant model"):
+        reloaded.train()
+    result = export_onnx(reloaded, batch, str(tmp_path / "minilm.onnx"))
+    assert result["rel_l2"] < 1e-5
+
+
+def test_b3_quick_tier_writes_well_formed_results(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import deploy as bench
+
+    assert bench.main(["--tier", "quick", "--models", "resnet20-w2a2", "minilm-w4", "--out", str(tmp_path)]) == 0
+    result = json.load(open(tmp_path / "deploy_quick.json"))
+    assert [r["model"] for r in result["rows"]] == ["resnet20-w2a2", "minilm-w4"]
+    assert {"machine", "commit", "time", "command"} <= set(result)
+    for row in result["rows"]:
+        assert row["deploy_equals_fake_quant"]
+        assert row["checkpoint"]["packed_bytes"] < row["checkpoint"]["fp32_bytes"]
+        for batch in ("1", "64"):
+            assert {"fp", "deploy", "deploy-cache", "ort-fp", "ort-deploy"} <= set(row["latency_ms"][batch])
+            assert all(v > 0 for v in row["latency_ms"][batch].values())
+        assert all(v > 0 for v in row["load_ms"].values())
+    assert (tmp_path / "deploy_quick.md").read_text().startswith("B3 deployment, tier quick")
