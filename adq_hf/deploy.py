@@ -219,6 +219,10 @@ class DeployedLayerMixin(QuantizedLayerMixin):
     def weight(self) -> torch.Tensor:
         return self.quantized_weight()
 
+    @property
+    def weight_numel(self) -> int:
+        return math.prod(self.weight_shape)
+
     def latent_weight(self) -> torch.Tensor:
         raise TrainingRefusedError(_refusal("latent_weight()"))
 

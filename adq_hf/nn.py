@@ -39,6 +39,11 @@ class QuantizedLayerMixin:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     @property
+    def weight_numel(self) -> int:
+        """Number of weights (also for deployed layers, which keep only packed codes)."""
+        return self._parameters["weight"].numel()
+
+    @property
     def weight_bits(self) -> int:
         return self.weight_quantizer.bits
 
@@ -89,6 +94,9 @@ _QUANT_CLASSES: Dict[type, type] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv
 def _register_class(cls: type) -> type:
     """Make a dynamically created class importable by name (pickling, repr)."""
     cls.__module__ = __name__
+    if cls.__name__ in globals():  # timm.layers.Linear is also called "Linear": keep our QuantLinear
+        float_cls = cls.__bases__[-1]
+        cls.__name__ = cls.__qualname__ = f"Quant_{float_cls.__module__.replace('.', '_')}_{float_cls.__name__}"
     globals()[cls.__name__] = cls
     return cls
 

@@ -98,8 +98,14 @@ def solve_rtn(w, h, tables, **_):
     return nearest_level(w, tables)
 
 
-def solve_obq(w, h, tables, max_bytes: int = 16 * 2**20, **_):
-    """Faithful OBQ: per-row greedy order, per-row inverse Hessian. Rows in batches of bounded memory."""
+def solve_obq(w, h, tables, max_bytes: int = 16 * 2**20, outliers: bool = True, **_):
+    """Faithful OBQ: per-row greedy order, per-row inverse Hessian. Rows in batches of bounded memory.
+
+    ``outliers=True`` (as the reference implementation): when compensation has pushed a remaining
+    weight of a row so far that its rounding error exceeds every in-grid one (half the row's largest
+    level gap), that weight is quantized next, before it drifts further; ``False``: OBQ's greedy
+    definition only (least loss first).
+    """
     rows, cols = w.shape
     hinv_full = inverse_hessian(h)
     out = torch.empty_like(w)
@@ -107,6 +113,7 @@ def solve_obq(w, h, tables, max_bytes: int = 16 * 2**20, **_):
     for start in range(0, rows, batch):
         wb = w[start:start + batch].clone()
         tb = tables[start:start + batch]
+        limit = (((tb[:, 1:] - tb[:, :-1]).amax(dim=1) / 2) ** 2).unsqueeze(1) if tb.shape[1] > 1 else None
         hinv = hinv_full.expand(wb.shape[0], cols, cols).clone()
         done = torch.zeros_like(wb, dtype=torch.bool)
         quantized = torch.empty_like(wb)
@@ -114,8 +121,12 @@ def solve_obq(w, h, tables, max_bytes: int = 16 * 2**20, **_):
         for _ in range(cols):
             q = nearest_level(wb, tb)
             diag = hinv.diagonal(dim1=1, dim2=2)
-            score = torch.where(done, torch.full_like(wb, math.inf), (wb - q) ** 2 / diag.clamp_min(1e-300))
+            err = torch.where(done, torch.zeros_like(wb), (wb - q) ** 2)
+            score = torch.where(done, torch.full_like(wb, math.inf), err / diag.clamp_min(1e-300))
             j = score.argmin(dim=1)
+            if outliers and limit is not None:
+                outside = (err > limit).any(dim=1)
+                j = torch.where(outside, err.argmax(dim=1), j)
             wj, qj, dj = wb[r, j], q[r, j], diag[r, j]
             col = hinv[r, :, j]  # [B, C]
             wb -= ((wj - qj) / dj).unsqueeze(1) * col

@@ -207,7 +207,7 @@ def bit_map(model: nn.Module) -> Dict[str, Dict[str, Optional[int]]]:
         name: {
             "weight_bits": m.weight_bits,
             "activation_bits": m.activation_bits,
-            "params": m.latent_weight().numel(),
+            "params": m.weight_numel,
         }
         for name, m in quantized_layers(model)
     }
@@ -220,7 +220,7 @@ def average_weight_bits(model: nn.Module, include_float: bool = False) -> float:
     """
     total_bits = total_params = 0
     for name, m in _candidates(model):
-        n = m._parameters["weight"].numel()
+        n = m.weight_numel if is_quantized_layer(m) else m._parameters["weight"].numel()
         if is_quantized_layer(m):
             total_bits += n * m.weight_bits
         elif include_float:

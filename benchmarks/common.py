@@ -1,5 +1,6 @@
 """What every benchmark shares: the run record (machine, torch, commit, time, command), result
-files (JSON + markdown) and the Fashion-MNIST full-precision ResNet-20 teacher of the recipes."""
+files (JSON + markdown), the Fashion-MNIST full-precision ResNet-20 teacher of the recipes, and
+all-MiniLM-L6-v2's sentence embeddings (B2 and B5 compare models by them)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,26 @@ def fmnist_teacher(cache_dir=None) -> str:
         print("training the FP teacher once (cached):", " ".join(cmd))
         subprocess.run(cmd, check=True)
     return path
+
+
+def sentence_batches(tokenizer, sentences: List[str], batch_size: int) -> List[dict]:
+    """Tokenised batches (dicts of model inputs), each padded only to its own longest sentence."""
+    return [dict(tokenizer(sentences[i:i + batch_size], padding=True, return_tensors="pt"))
+            for i in range(0, len(sentences), batch_size)]
+
+
+def mean_pooled(model, batch: dict):
+    """all-MiniLM-L6-v2's sentence embedding before normalisation (what sentence-transformers
+    computes): the attention-masked mean of the last hidden state."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def sentence_embeddings(model, batches: List[dict]):
+    """Unit-length mean-pooled embeddings of every sentence in ``batches`` (no grad, the model's
+    current mode): the dot product of two models' embeddings is their cosine similarity."""
+    import torch
+
+    with torch.no_grad():
+        return torch.nn.functional.normalize(torch.cat([mean_pooled(model, b) for b in batches]), dim=-1)

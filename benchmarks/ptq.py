@@ -21,9 +21,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, fmnist_teacher, run_record, write_results  # noqa: E402
+from common import ROOT, fmnist_teacher, run_record, sentence_batches, sentence_embeddings, write_results  # noqa: E402
 
-METHODS = {"rtn": {}, "gptq": {}, "sa": {}, "sa-taylor": {"sensitivity": "taylor"}, "obq": {}}
+METHODS = {"rtn": {}, "gptq": {}, "sa": {}, "sa-taylor": {"sensitivity": "taylor"}, "obq": {},
+           "obq-pure": {"outliers": False}}
 TIERS = {
     "quick": {"calib": 128, "eval": 512, "sentences": 16, "bits": [3], "minilm_layers": 2},
     "standard": {"calib": 1024, "eval": 10000, "sentences": 128, "bits": [4, 3, 2], "minilm_layers": None},
@@ -91,20 +92,14 @@ def minilm_rows(tier: dict, bits_list, methods):
     tokenizer = AutoTokenizer.from_pretrained(path)
     n = tier["sentences"]
     calib_text, eval_text = english_sentences(n), english_sentences(n, offset=n)
-    calibration = [dict(tokenizer(calib_text[i:i + 32], padding=True, return_tensors="pt")) for i in range(0, n, 32)]
-    evaluation = dict(tokenizer(eval_text, padding=True, return_tensors="pt"))
+    calibration = sentence_batches(tokenizer, calib_text, 32)
+    evaluation = sentence_batches(tokenizer, eval_text, n)  # one batch
 
-    @torch.no_grad()
-    def embed(model):
-        hidden = model(**evaluation).last_hidden_state
-        mask = evaluation["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-
-    reference = embed(AutoModel.from_pretrained(path).eval())
+    reference = sentence_embeddings(AutoModel.from_pretrained(path).eval(), evaluation)
     rows = []
     for bits in bits_list:
         for method in methods:
-            if method == "obq":  # O(rows * cols^3): 1.4e12 multiply-adds for one 1536-column layer
+            if method.startswith("obq"):  # O(rows * cols^3): 1.4e12 multiply-adds for one 1536-column layer
                 continue
             model = AutoModel.from_pretrained(path).eval()
             config = ADQConfig(weight_bits=bits, activation_bits=None, granularity="per_channel")
@@ -114,7 +109,7 @@ def minilm_rows(tier: dict, bits_list, methods):
             quantize(model, calibration, config, method=method.split("-")[0], progress=False, **METHODS[method])
             wall = time.perf_counter() - started
             report = model.ptq_report
-            cosine = float((embed(model) * reference).sum(-1).mean())
+            cosine = float((sentence_embeddings(model, evaluation) * reference).sum(-1).mean())
             rows.append({"model": "minilm", "bits": bits, "method": method, "wall_s": wall,
                          "solver_s": sum(r["seconds"] for r in report.values()),
                          "recon_error": sum(r["error"] for r in report.values()),

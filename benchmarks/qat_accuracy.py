@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""B1 (first rows): Fashion-MNIST ResNet-20 accuracy against bits, every row under one budget.
+"""B1: Fashion-MNIST ResNet-20 accuracy against bits, every method and row under one budget.
 
-    python benchmarks/qat_accuracy.py --tier standard [--rows w2a2 w2a3 w3a3 mixed2.8 w4a4] [--epochs 1]
+    python benchmarks/qat_accuracy.py --tier standard [--rows w2a2 lsq_w2a2 ...] [--epochs 1]
 
-Each row runs ``recipes/qat_imagenet.py`` with its ``recipes/configs/fmnist_resnet20_*.yaml``
-and the same overrides (teacher epochs, QAT epochs, seed), so every row shares one cached FP
-teacher and one training budget. Rows already finished are reused (the run is resumable row by
-row); results go to ``benchmarks/results/qat_accuracy_<tier>.{json,md}``.
+Each row runs ``recipes/qat_imagenet.py`` with a ``recipes/configs/fmnist_resnet20_*.yaml`` plus
+the tier's overrides (teacher epochs, QAT epochs, seed), so every row shares one cached FP teacher
+and one training budget. Other methods and the ADQ ablations are the ADQ config of the same bits
+with the method's quantizers (or the ablated component) overridden, so only that differs. Rows
+already finished are reused (resumable row by row). Results: ``benchmarks/results/
+qat_accuracy_<tier>.{json,md,png}`` (the plot: top-1 over average weight bits, one line per method).
 """
 
 from __future__ import annotations
@@ -17,71 +19,143 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import List, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, run_record, write_results  # noqa: E402
+
+LSQ = ["quantization.weight_quantizer=lsq", "quantization.activation_quantizer=lsq"]
+ASQ_POST = ["quantization.weight_quantizer=post", "quantization.activation_quantizer=asq"]
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str  # one line per method in the plot
+    config: str  # ADQ config of these bits (recipes/configs/fmnist_resnet20_<config>.yaml)
+    overrides: Tuple[str, ...] = field(default=())
+
+
 ROWS = {
-    "w2a2": "fmnist_resnet20_w2a2.yaml",
-    "w2a3": "fmnist_resnet20_w2a3.yaml",
-    "w3a3": "fmnist_resnet20_w3a3.yaml",
-    "mixed2.8": "fmnist_resnet20_mixed2.8.yaml",
-    "w4a4": "fmnist_resnet20_w4a4.yaml",
+    "w2a2": Row("ADQ", "w2a2"),
+    "w2a3": Row("ADQ", "w2a3"),
+    "w3a3": Row("ADQ", "w3a3"),
+    "mixed2.8": Row("ADQ", "mixed2.8"),
+    "w4a4": Row("ADQ", "w4a4"),
+    "lsq_w2a2": Row("LSQ", "w2a2", tuple(LSQ)),
+    "lsq_w3a3": Row("LSQ", "w3a3", tuple(LSQ)),
+    "lsq_mixed2.8": Row("LSQ", "mixed2.8", tuple(LSQ)),
+    "lsq_w4a4": Row("LSQ", "w4a4", tuple(LSQ)),
+    "asq_post_w2a2": Row("ASQ+POST", "w2a2", tuple(ASQ_POST)),
+    "asq_post_w3a3": Row("ASQ+POST", "w3a3", tuple(ASQ_POST)),
+    "asq_post_mixed2.8": Row("ASQ+POST", "mixed2.8", tuple(ASQ_POST)),
+    "asq_post_w4a4": Row("ASQ+POST", "w4a4", tuple(ASQ_POST)),
+    # the peer library (optional `bench` extra), uniform per-channel weights, learned activation scales
+    "brevitas_w2a2": Row("brevitas", "brevitas_w2a2"),
+    "brevitas_w3a3": Row("brevitas", "brevitas_w3a3"),
+    "brevitas_w4a4": Row("brevitas", "brevitas_w4a4"),
+    # ADQ ablations at W2A2, where the codebook has the fewest levels (uniform instead of mixed bits:
+    # compare mixed2.8 with w2a3 and w3a3, which use the same activation bits)
+    "w2a2_uniform_init": Row("ADQ, uniform init", "w2a2", ("quantization.codebook_init=uniform",)),
+    "w2a2_static_codebook": Row("ADQ, static codebook", "w2a2", ("quantization.codebook_update=static",)),
+    "w2a2_no_kd": Row("ADQ, no distillation", "w2a2", ("distill.kd_weight=0.0", "distill.ce_weight=1.0")),
 }
-TIERS = {  # overrides shared by every row
-    "quick": ["teacher.epochs=1", "data.train_limit=512", "data.eval_limit=256", "data.batch_size=32",
-              "optim.epochs=1", "optim.warmup_steps=2", "calibration.num_batches=1"],
-    "standard": ["teacher.epochs=2", "optim.warmup_steps=30"],
+TIERS = {  # overrides shared by every row, and the rows run when --rows is not given
+    "quick": (["teacher.epochs=1", "data.train_limit=512", "data.eval_limit=256", "data.batch_size=32",
+               "optim.warmup_steps=2", "calibration.num_batches=1"],
+              ["w2a2", "mixed2.8", "lsq_w2a2", "asq_post_w2a2", "w2a2_no_kd"]),
+    "standard": (["teacher.epochs=2", "optim.warmup_steps=30"], list(ROWS)),
 }
+
+
+def run_row(name: str, row: Row, overrides: List[str], out: str) -> dict:
+    done = os.path.join(out, "results.json")
+    if not os.path.isfile(done):
+        config = os.path.join(ROOT, "recipes", "configs", f"fmnist_resnet20_{row.config}.yaml")
+        cmd = [sys.executable, os.path.join(ROOT, "recipes", "qat_imagenet.py"), "--config", config,
+               "--output-dir", out, "--set", *overrides, *row.overrides]
+        started = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"row {name} failed:\n{proc.stderr[-3000:]}")
+        print(f"{name}: {time.time() - started:.0f} s", flush=True)
+    with open(done) as fh:
+        return json.load(fh)
+
+
+def summarise(name: str, row: Row, result: dict) -> dict:
+    keys = ("fp_top1", "top1", "top5", "average_weight_bits", "epoch_time_s")
+    return {"method": row.method, "overrides": list(row.overrides), **{k: result[k] for k in keys},
+            "activation_bits": result["quantization_config"]["activation_bits"],
+            "bit_map": {n: b["weight_bits"] for n, b in result["bit_map"].items()}}
+
+
+def plot(rows: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    methods = sorted({r["method"] for r in rows.values()}, key=lambda m: (m != "ADQ", m))
+    for method in methods:
+        points = sorted((r["average_weight_bits"], 100 * r["top1"], name) for name, r in rows.items()
+                        if r["method"] == method)
+        style = "-o" if len(points) > 1 else "s"
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=method)
+        for x, y, name in points:
+            ax.annotate(f"A{rows[name]['activation_bits']}", (x, y), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7)
+    fp = next(iter(rows.values()))["fp_top1"]
+    ax.axhline(100 * fp, color="grey", ls="--", lw=1, label=f"FP {100 * fp:.2f}%")
+    ax.set_xlabel("average weight bits (parameter-weighted, first/last layer 8-bit included)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Fashion-MNIST ResNet-20, same QAT budget per point")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tier", choices=sorted(TIERS), default="standard")
-    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="default: the tier's rows")
     parser.add_argument("--epochs", type=float, default=1.0, help="QAT epochs for every row")
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "outputs", "benchmarks"))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--cache-dir", default=None, help="teacher cache (default ~/.cache/adq_hf)")
     args = parser.parse_args(argv)
-    overrides = TIERS[args.tier] + [f"optim.epochs={args.epochs}"]
-    if args.cache_dir:
-        overrides.append(f"cache_dir={args.cache_dir}")
+    shared, default_rows = TIERS[args.tier]
+    overrides = shared + [f"optim.epochs={args.epochs}"] + ([f"cache_dir={args.cache_dir}"] if args.cache_dir else [])
+    stem = f"qat_accuracy_{args.tier}"
+    work = os.path.join(args.work_dir, args.tier)
     rows = {}
-    for row in args.rows:
-        out = os.path.join(args.work_dir, args.tier, row)
-        done = os.path.join(out, "results.json")
-        if not os.path.isfile(done):
-            cmd = [sys.executable, os.path.join(ROOT, "recipes", "qat_imagenet.py"), "--config",
-                   os.path.join(ROOT, "recipes", "configs", ROWS[row]), "--output-dir", out, "--set", *overrides]
-            started = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return proc.returncode
-            print(f"{row}: {time.time() - started:.0f} s")
-        with open(done) as fh:
-            rows[row] = json.load(fh)
-    result = {
-        "benchmark": "B1 accuracy vs bits (Fashion-MNIST, ResNet-20)", "tier": args.tier, "qat_epochs": args.epochs,
-        "shared_overrides": overrides,
-        "rows": {r: {k: v[k] for k in ("fp_top1", "top1", "top5", "average_weight_bits", "epoch_time_s")}
-                 | {"activation_bits": v["quantization_config"]["activation_bits"],
-                    "bit_map": {n: b["weight_bits"] for n, b in v["bit_map"].items()}} for r, v in rows.items()},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "python benchmarks/qat_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"qat_accuracy_{args.tier}")
-    with open(stem + ".json", "w") as fh:
-        json.dump(result, fh, indent=2)
-    lines = ["| row | avg weight bits | activation bits | top-1 | FP top-1 | gap | QAT epoch time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r, v in result["rows"].items():
-        lines.append(f"| {r} | {v['average_weight_bits']:.2f} | {v['activation_bits']} | {100 * v['top1']:.2f} | "
-                     f"{100 * v['fp_top1']:.2f} | {100 * (v['top1'] - v['fp_top1']):+.2f} | "
+    for name in args.rows or default_rows:
+        try:
+            rows[name] = summarise(name, ROWS[name], run_row(name, ROWS[name], overrides, os.path.join(work, name)))
+        except RuntimeError as err:
+            print(err, file=sys.stderr)
+            return 1
+    for name, row in ROWS.items():  # rows finished by earlier invocations (other --rows) stay in the results
+        done = os.path.join(work, name, "results.json")
+        if name not in rows and os.path.isfile(done):
+            with open(done) as fh:
+                rows[name] = summarise(name, row, json.load(fh))
+    rows = {name: rows[name] for name in ROWS if name in rows}  # a stable order
+    result = {"benchmark": "B1 accuracy vs bits (Fashion-MNIST, ResNet-20)", "tier": args.tier,
+              "qat_epochs": args.epochs, "shared_overrides": overrides, "rows": rows,
+              **run_record("qat_accuracy.py", argv)}
+    lines = [f"Command: `{result['command']}` (commit {result['commit']})", "",
+             "| row | method | avg weight bits | activation bits | top-1 | FP top-1 | gap | QAT epoch time (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, v in rows.items():
+        lines.append(f"| {name} | {v['method']} | {v['average_weight_bits']:.2f} | {v['activation_bits']} | "
+                     f"{100 * v['top1']:.2f} | {100 * v['fp_top1']:.2f} | {100 * (v['top1'] - v['fp_top1']):+.2f} | "
                      f"{', '.join(f'{t:.0f}' for t in v['epoch_time_s'])} |")
-    with open(stem + ".md", "w") as fh:
-        fh.write(f"Command: `{result['command']}`\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    path = write_results(args.out, stem, result, lines)
+    plot(rows, path + ".png")
     return 0
 
 

@@ -11,11 +11,8 @@ the report gives medians and ratios to FP.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -24,11 +21,15 @@ import torch
 import adq_hf
 from adq_hf import ADQConfig
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import run_record, write_results  # noqa: E402
+
 METHODS = {
     "fp": None,
     "adq_w2a2": ADQConfig(weight_bits=2, activation_bits=2),
     "adq_w2_weight_only": ADQConfig(weight_bits=2),
     "lsq_w2a2": ADQConfig(weight_bits=2, activation_bits=2, weight_quantizer="lsq", activation_quantizer="lsq"),
+    "asq_post_w2a2": ADQConfig(weight_bits=2, activation_bits=2, weight_quantizer="post", activation_quantizer="asq"),
 }
 
 
@@ -65,33 +66,42 @@ def main(argv=None) -> int:
                 if step:
                     times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    fp_params = sum(p.numel() for p in models["fp"].parameters())
+    extra_params = {name: sum(p.numel() for p in m.parameters()) - fp_params for name, m in models.items()}
+    sensitivity_s, allocation_s = time_mixed_precision(x, y, max_iters=5 if args.tier == "quick" else 50)
     result = {
         "benchmark": "B4 step time", "tier": args.tier, "model": "resnet20_cifar 1x28x28", "batch": 128,
         "median_step_s": medians, "ratio_to_fp": {n: medians[n] / medians["fp"] for n in medians},
-        "samples_per_method": len(times["fp"]),
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "platform": platform.platform()},
-        "commit": _commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "python benchmarks/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "samples_per_method": len(times["fp"]), "fp_params": fp_params,
+        "quantizer_params": extra_params,  # the quantizers' own parameters (ASQ: its adapters)
+        "mixed_precision_s": {"sensitivity": sensitivity_s, "allocation": allocation_s},
+        **run_record("step_time.py", argv),
     }
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"step_time_{args.tier}")
-    with open(stem + ".json", "w") as fh:
-        json.dump(result, fh, indent=2)
-    lines = ["| method | median step (s) | ratio to FP |", "|---|---:|---:|"]
-    lines += [f"| {n} | {medians[n]:.3f} | {medians[n] / medians['fp']:.2f} |" for n in medians]
-    with open(stem + ".md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines = ["| method | median step (s) | ratio to FP | quantizer parameters (% of FP) |", "|---|---:|---:|---:|"]
+    lines += [f"| {n} | {medians[n]:.3f} | {medians[n] / medians['fp']:.2f} | "
+              f"{extra_params[n]:,} ({100 * extra_params[n] / fp_params:.2f}%) |" for n in medians]
+    lines += ["", f"Mixed precision for 2.8 average bits on one batch of 128 (`plan_mixed_precision`): Hutchinson "
+              f"sensitivity {sensitivity_s:.2f} s, MILP allocation {allocation_s:.2f} s.", "",
+              f"Command: `{result['command']}` (commit {result['commit']}, {result['machine']['threads']} threads)"]
+    write_results(args.out, f"step_time_{args.tier}", result, lines)
     return 0
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return "unknown"
+def time_mixed_precision(x, y, max_iters: int):
+    """Seconds for the Hutchinson sensitivity and the exact MILP allocation of ``target_avg_bits=2.8``."""
+    import timm
+
+    from adq_hf.mixed_precision import allocate_bits, estimate_sensitivity, weight_layers
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1)
+    body = list(weight_layers(model))[1:-1]  # first conv and classifier stay at 8 bits
+    start = time.perf_counter()
+    sensitivity = estimate_sensitivity(model, [(x, y)], max_iters=max_iters, layers=body, progress=False)
+    middle = time.perf_counter()
+    allocate_bits(model, sensitivity, target_avg_bits=2.8, config=ADQConfig(weight_bits=2, activation_bits=2),
+                  fixed={n: 8 for n in weight_layers(model) if n not in body})
+    return middle - start, time.perf_counter() - middle
 
 
 if __name__ == "__main__":

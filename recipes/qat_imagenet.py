@@ -48,16 +48,23 @@ class RecipeError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
-def merge(base: dict, override: dict, path: str = "") -> dict:
+OPAQUE_SECTIONS = ("quantization", "kwargs")  # their keys are checked by ADQConfig / the model, not here
+
+
+def merge(base: dict, override: dict, path: str = "", update_opaque: bool = False) -> dict:
+    """``override`` on top of ``base``; unknown keys are errors. A config file's ``quantization`` or
+    ``kwargs`` section replaces the default one; a ``--set`` (``update_opaque``) changes one key of it."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         where = f"{path}{key}"
         if key not in base:
             raise RecipeError(f"unknown config key {where!r}; known keys here: {sorted(base)}")
-        if isinstance(base[key], dict) and key not in ("quantization", "kwargs"):
+        if isinstance(base[key], dict) and key not in OPAQUE_SECTIONS:
             if not isinstance(value, dict):
                 raise RecipeError(f"config key {where!r} must be a mapping")
-            out[key] = merge(base[key], value, where + ".")
+            out[key] = merge(base[key], value, where + ".", update_opaque)
+        elif update_opaque and isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = {**base[key], **value}
         else:
             out[key] = value
     return out
@@ -77,7 +84,7 @@ def load_config(path, overrides) -> dict:
         nested = yaml.safe_load(raw)
         for part in reversed(dotted.split(".")):
             nested = {part: nested}
-        config = merge(config, nested)
+        config = merge(config, nested, update_opaque=True)
     return config
 
 
@@ -185,6 +192,16 @@ def run(config: dict, resume=None, arguments: str = "") -> int:
 
     import adq_hf
     from adq_hf.training import TrainSettings, evaluate_topk, train
+
+    # --- peer-library backend (benchmark B1's brevitas row): `quantization: {backend: brevitas, ...}`
+    # runs this recipe's teacher, data, calibration, training loop and evaluation with a brevitas
+    # student built by benchmarks/brevitas_peer.py (needs the `bench` extra). adq_hf does not import it.
+    if isinstance(config["quantization"], dict) and config["quantization"].get("backend") == "brevitas":
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+        from brevitas_qat import run as run_brevitas
+
+        return run_brevitas(config, resume, arguments, recipe=sys.modules[__name__])
+    # --- end of the brevitas hook ---
 
     try:
         qconfig = adq_hf.ADQConfig(**config["quantization"])

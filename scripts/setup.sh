@@ -21,7 +21,7 @@ fi
 if ! $PY -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('adq_hf', 'timm', 'transformers', 'accelerate', 'pytest', 'onnxruntime', 'onnxscript')))" \
    || [[ constraints.txt -nt .venv/.adq_hf_installed || pyproject.toml -nt .venv/.adq_hf_installed ]]; then
   echo "setup: installing adq_hf and its pinned dependencies (torch is large: a few minutes the first time)"
-  quiet $PY -m pip install -q -c constraints.txt -e ".[dev,deploy]"
+  quiet $PY -m pip install -q -c constraints.txt -e ".[dev,deploy,bench]"
   touch .venv/.adq_hf_installed
 fi
 

@@ -25,7 +25,9 @@ def test_qat_accuracy_quick_tier(tmp_path):
             "--cache-dir", str(tmp_path / "cache")]
     assert qat_accuracy.main(args) == 0
     result = json.load(open(tmp_path / "qat_accuracy_quick.json"))
-    assert set(result["rows"]) == set(qat_accuracy.ROWS)
+    assert set(result["rows"]) == set(qat_accuracy.TIERS["quick"][1])
+    assert {r["method"] for r in result["rows"].values()} >= {"ADQ", "LSQ", "ASQ+POST"}
+    assert (tmp_path / "qat_accuracy_quick.png").stat().st_size > 0
     for row in result["rows"].values():
         assert 0 <= row["top1"] <= 1 and 0 <= row["fp_top1"] <= 1 and len(row["epoch_time_s"]) == 1
     assert result["rows"]["mixed2.8"]["average_weight_bits"] <= 2.8

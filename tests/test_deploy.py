@@ -38,6 +38,7 @@ CONFIGS = [
     ADQConfig(weight_bits=4, activation_bits=None, granularity="per_channel", layer_bits={r"layer1\..*": 5}),
     ADQConfig(weight_bits=3, activation_bits=4, weight_quantizer="lsq"),
     ADQConfig(weight_bits=7, activation_bits=8, first_layer_bits=6, last_layer_bits=None),
+    ADQConfig(weight_bits=3, activation_bits=3, weight_quantizer="post", activation_quantizer="asq"),
 ]
 
 
@@ -89,6 +90,13 @@ def test_deploy_outputs_equal_fake_quant_eval_bit_for_bit(config):
     with torch.no_grad():
         assert torch.equal(model(x), expected)
         assert torch.equal(model(batch), expected_batch)
+
+
+def test_bit_map_and_average_bits_read_deployed_models():
+    model, _ = trained_resnet(ADQConfig(weight_bits=2, activation_bits=2, layer_bits={r"layer3\..*": 4}))
+    bits, average = adq_hf.bit_map(model), adq_hf.average_weight_bits(model, include_float=True)
+    convert_for_inference(model)
+    assert adq_hf.bit_map(model) == bits and adq_hf.average_weight_bits(model, include_float=True) == average
 
 
 def test_forward_overriding_timm_convs_deploy_exactly():
@@ -223,6 +231,8 @@ def _onnx_graph(path):
 
 
 @pytest.mark.parametrize("config", [ADQConfig(weight_bits=3), ADQConfig(weight_bits=2, activation_bits=2),
+                                    ADQConfig(weight_bits=3, activation_bits=3, weight_quantizer="post",
+                                              activation_quantizer="asq"),
                                     ADQConfig(weight_bits=4, activation_bits=4, weight_quantizer="lsq",
                                               activation_quantizer="lsq", granularity="per_channel")], ids=_ids)
 def test_onnx_export_runs_in_onnxruntime_like_pytorch(tmp_path, config):

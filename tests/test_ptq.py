@@ -32,14 +32,20 @@ def _random_problem(rows=3, cols=6, samples=40, seed=0):
     return w, h
 
 
-def _exhaustive_greedy_row(w0, h, table):
+def _exhaustive_greedy_row(w0, h, table, outliers=False):
     """OBQ's definition, computed by brute force: at each step try every unquantized weight, fix it to
-    its nearest level, re-solve the remaining weights by least squares, keep the cheapest."""
+    its nearest level, re-solve the remaining weights by least squares, keep the cheapest. With
+    ``outliers``: a weight whose rounding error exceeds half the largest level gap goes first."""
     cols = len(w0)
     w, fixed = w0.clone(), {}
+    limit = float((table[1:] - table[:-1]).max()) / 2
     for _ in range(cols):
         best = None
-        for j in (j for j in range(cols) if j not in fixed):
+        free = [j for j in range(cols) if j not in fixed]
+        errors = {j: abs(float(w[j]) - nearest_level(w[j].view(1, 1), table.view(1, -1)).item()) for j in free}
+        if outliers and max(errors.values()) > limit:
+            free = [max(free, key=lambda j: errors[j])]
+        for j in free:
             trial_fixed = dict(fixed)
             trial_fixed[j] = nearest_level(w[j].view(1, 1), table.view(1, -1)).item()
             trial = _optimal_rest(w0, h, trial_fixed)
@@ -68,7 +74,7 @@ def test_obq_equals_exhaustive_greedy_on_a_tiny_layer():
     w, h = _random_problem()
     tables = _uniform_tables(w, 2)
     hd = prepare_hessian(h, damp=0.0)
-    obq = SOLVERS["obq"](w, hd, tables)
+    obq = SOLVERS["obq"](w, hd, tables, outliers=False)
     for r in range(w.shape[0]):
         expected = _exhaustive_greedy_row(w[r], hd, tables[r])
         torch.testing.assert_close(obq[r], expected, rtol=0, atol=1e-9)

@@ -140,3 +140,16 @@ def test_bad_input_is_one_line(tmp_path, override, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
+
+
+def test_set_changes_one_key_of_the_quantization_section():
+    """`--set quantization.X=v` keeps the file's other quantization keys (it used to replace the section)."""
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    import qat_imagenet
+
+    config = qat_imagenet.load_config(CONFIG, ["quantization.weight_quantizer=lsq", "quantization.activation_quantizer=lsq"])
+    assert config["quantization"] == {"weight_bits": 2, "activation_bits": 2, "weight_quantizer": "lsq",
+                                      "activation_quantizer": "lsq"}
+    assert qat_imagenet.load_config(CONFIG, [])["quantization"] == {"weight_bits": 2, "activation_bits": 2,
+                                                                    "weight_quantizer": "adq",
+                                                                    "activation_quantizer": "n2uq"}

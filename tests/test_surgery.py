@@ -244,3 +244,18 @@ def test_average_weight_bits_is_parameter_weighted():
     )
     assert bits["0"]["weight_bits"] == 8 and bits["1"]["weight_bits"] == 3 and bits["2"]["weight_bits"] == 3
     assert adq_hf.average_weight_bits(conv) == pytest.approx((216 * 8 + 64 * 3 + 16 * 3) / 296)
+
+
+def test_quantized_timm_linear_does_not_replace_quant_linear():
+    """timm.layers.Linear shares nn.Linear's name: its quantized class must not take QuantLinear's."""
+    import pickle
+
+    from timm.layers import Linear as TimmLinear
+
+    from adq_hf import nn as qnn
+
+    plain = qnn.QuantLinear
+    cls = qnn.quantized_class_for(TimmLinear)
+    assert cls is not plain and qnn.QuantLinear is plain and issubclass(cls, TimmLinear)
+    assert qnn.quantized_class_for(torch.nn.Linear) is plain and getattr(qnn, cls.__name__) is cls
+    assert pickle.loads(pickle.dumps(cls)) is cls
