@@ -17,6 +17,8 @@ way adq_hf does not know, stay float with a warning.
 from __future__ import annotations
 
 import itertools
+import sys
+from collections.abc import Mapping
 import re
 import warnings
 from dataclasses import dataclass
@@ -166,14 +168,19 @@ def quantize_model(
             wq.init_from(weight.detach())
         convert_layer(module, wq, aq)
     model.quantization_config = config
+    if "transformers" in sys.modules:  # a transformers model saves packed codes from now on
+        from .integrations.transformers import attach_quantizer
+
+        attach_quantizer(model, config)
     if calibration_data is not None and config.activation_bits is not None:
         calibrate_activations(model, calibration_data)
     return model
 
 
 def model_inputs(batch):
-    """The model-input part of a batch: a tensor, ``(inputs, labels)`` or a dict of inputs."""
-    if isinstance(batch, dict):
+    """The model-input part of a batch: a tensor, ``(inputs, labels)`` or a mapping of inputs (a
+    tokenizer's ``BatchEncoding`` too)."""
+    if isinstance(batch, Mapping):
         return (), {k: v for k, v in batch.items() if k not in ("labels", "label")}
     if isinstance(batch, (tuple, list)):
         return (batch[0],), {}

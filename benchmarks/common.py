@@ -47,13 +47,13 @@ def write_results(out_dir: str, stem: str, result: dict, markdown_lines: List[st
     return path
 
 
-def fmnist_teacher(cache_dir=None) -> str:
+def fmnist_teacher(cache_dir=None, overrides=None) -> str:
     """Path of the recipes' FP ResNet-20 Fashion-MNIST teacher (B1 standard tier settings), trained
     once by the recipe itself (``optim.max_steps=1`` skips any real QAT) when not cached yet."""
     sys.path.insert(0, os.path.join(ROOT, "recipes"))
     import qat_imagenet
 
-    overrides = TEACHER_OVERRIDES + ([f"cache_dir={cache_dir}"] if cache_dir else [])
+    overrides = (TEACHER_OVERRIDES if overrides is None else overrides) + ([f"cache_dir={cache_dir}"] if cache_dir else [])
     path = qat_imagenet.teacher_cache_path(qat_imagenet.load_config(TEACHER_CONFIG, overrides))
     if not os.path.isfile(path):
         out = os.path.join(ROOT, "outputs", "benchmarks", "teacher")

@@ -26,7 +26,8 @@ from common import ROOT, fmnist_teacher, run_record, sentence_batches, sentence_
 METHODS = {"rtn": {}, "gptq": {}, "sa": {}, "sa-taylor": {"sensitivity": "taylor"}, "obq": {},
            "obq-pure": {"outliers": False}}
 TIERS = {
-    "quick": {"calib": 128, "eval": 512, "sentences": 16, "bits": [3], "minilm_layers": 2},
+    "quick": {"calib": 128, "eval": 512, "sentences": 16, "bits": [3], "minilm_layers": 2,
+              "teacher": ["teacher.epochs=1", "data.train_limit=2048", "optim.warmup_steps=2"]},  # minutes, not 2 epochs
     "standard": {"calib": 1024, "eval": 10000, "sentences": 128, "bits": [4, 3, 2], "minilm_layers": None},
 }
 
@@ -41,7 +42,7 @@ def resnet_rows(tier: dict, bits_list, methods, cache_dir=None):
     from adq_hf.data import collate_images, image_transforms, load_image_dataset, resolve_data_config
     from adq_hf.ptq import quantize
 
-    teacher = fmnist_teacher(cache_dir)
+    teacher = fmnist_teacher(cache_dir, tier.get("teacher"))
 
     def float_model():
         model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1)

@@ -6,8 +6,9 @@
 Each row runs ``recipes/qat_imagenet.py`` with a ``recipes/configs/fmnist_resnet20_*.yaml`` plus
 the tier's overrides (teacher epochs, QAT epochs, seed), so every row shares one cached FP teacher
 and one training budget. Other methods and the ADQ ablations are the ADQ config of the same bits
-with the method's quantizers (or the ablated component) overridden, so only that differs. Rows
-already finished are reused (resumable row by row). Results: ``benchmarks/results/
+with the method's quantizers (or the ablated component) overridden, so only that differs. A row
+finished in the work directory is reused (resumable row by row); rows not asked for are kept from
+the results file, each with the commit that produced it. Results: ``benchmarks/results/
 qat_accuracy_<tier>.{json,md,png}`` (the plot: top-1 over average weight bits, one line per method).
 """
 
@@ -83,11 +84,23 @@ def run_row(name: str, row: Row, overrides: List[str], out: str) -> dict:
         return json.load(fh)
 
 
-def summarise(name: str, row: Row, result: dict) -> dict:
+def summarise(name: str, row: Row, result: dict, record: dict) -> dict:
     keys = ("fp_top1", "top1", "top5", "average_weight_bits", "epoch_time_s")
     return {"method": row.method, "overrides": list(row.overrides), **{k: result[k] for k in keys},
             "activation_bits": result["quantization_config"]["activation_bits"],
-            "bit_map": {n: b["weight_bits"] for n, b in result["bit_map"].items()}}
+            "bit_map": {n: b["weight_bits"] for n, b in result["bit_map"].items()},
+            "commit": record["commit"], "time": record["time"]}
+
+
+def committed_rows(path: str) -> dict:
+    """Rows of the results file already written for this tier: a clean clone (no ``outputs/``)
+    keeps them, so finishing one more row never drops the others. Rows written before rows carried
+    their own commit get the file's."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as fh:
+        old = json.load(fh)
+    return {name: {"commit": old.get("commit"), "time": old.get("time"), **row} for name, row in old["rows"].items()}
 
 
 def plot(rows: dict, path: str) -> None:
@@ -131,29 +144,33 @@ def main(argv=None) -> int:
     overrides = shared + [f"optim.epochs={args.epochs}"] + ([f"cache_dir={args.cache_dir}"] if args.cache_dir else [])
     stem = f"qat_accuracy_{args.tier}"
     work = os.path.join(args.work_dir, args.tier)
+    record = run_record("qat_accuracy.py", argv)
     rows = {}
     for name in args.rows or default_rows:
         try:
-            rows[name] = summarise(name, ROWS[name], run_row(name, ROWS[name], overrides, os.path.join(work, name)))
+            rows[name] = summarise(name, ROWS[name], run_row(name, ROWS[name], overrides, os.path.join(work, name)),
+                                   record)
         except RuntimeError as err:
             print(err, file=sys.stderr)
             return 1
+    earlier = committed_rows(os.path.join(args.out, stem + ".json"))
     for name, row in ROWS.items():  # rows finished by earlier invocations (other --rows) stay in the results
         done = os.path.join(work, name, "results.json")
         if name not in rows and os.path.isfile(done):
             with open(done) as fh:
-                rows[name] = summarise(name, row, json.load(fh))
+                rows[name] = summarise(name, row, json.load(fh), {"commit": record["commit"], "time": None})
+        elif name not in rows and name in earlier:
+            rows[name] = earlier[name]
     rows = {name: rows[name] for name in ROWS if name in rows}  # a stable order
     result = {"benchmark": "B1 accuracy vs bits (Fashion-MNIST, ResNet-20)", "tier": args.tier,
-              "qat_epochs": args.epochs, "shared_overrides": overrides, "rows": rows,
-              **run_record("qat_accuracy.py", argv)}
+              "qat_epochs": args.epochs, "shared_overrides": overrides, "rows": rows, **record}
     lines = [f"Command: `{result['command']}` (commit {result['commit']})", "",
-             "| row | method | avg weight bits | activation bits | top-1 | FP top-1 | gap | QAT epoch time (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| row | method | avg weight bits | activation bits | top-1 | FP top-1 | gap | QAT epoch time (s) | commit |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, v in rows.items():
         lines.append(f"| {name} | {v['method']} | {v['average_weight_bits']:.2f} | {v['activation_bits']} | "
                      f"{100 * v['top1']:.2f} | {100 * v['fp_top1']:.2f} | {100 * (v['top1'] - v['fp_top1']):+.2f} | "
-                     f"{', '.join(f'{t:.0f}' for t in v['epoch_time_s'])} |")
+                     f"{', '.join(f'{t:.0f}' for t in v['epoch_time_s'])} | {v.get('commit') or ''} |")
     path = write_results(args.out, stem, result, lines)
     plot(rows, path + ".png")
     return 0

@@ -104,7 +104,7 @@ def test_timm_cnn_vit_transformers_and_quantized_layers():
     bert = BertModel(cfg)
     ids = torch.randint(0, 100, (2, 7))
     hutch = estimate_sensitivity(bert, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], max_iters=4,
-                                 progress=False)  # no labels: 0.5 * mean(last_hidden_state**2)
+                                 progress=False)  # no labels: Gauss-Newton curvature of last_hidden_state
     assert len(hutch) == 2 * 6 + 1 and all(v == v for v in hutch.values()) and max(hutch.values()) > 0
     head = BertForSequenceClassification(BertConfig(**{**cfg.to_dict(), "num_labels": 3}))
     with_labels = estimate_sensitivity(head, [{"input_ids": ids, "labels": torch.tensor([0, 2])}], max_iters=3,
@@ -277,3 +277,25 @@ def test_cli_sensitivity_writes_the_report(tmp_path, capsys):
                  "random", "--batch-size", "2", "--num-batches", "1", "--method", "fisher", "--no-progress",
                  "--target-avg-bits", "2.0", "--out", str(tmp_path)]) == 2
     assert "smallest feasible budget" in capsys.readouterr().err
+
+
+def test_label_free_hutchinson_is_the_gauss_newton_trace():
+    """Without labels the Hessian is the output Jacobian's Gram matrix: Tr(J_i^T J_i) / (N * outputs)
+    per layer, computed exactly here from the Jacobian of a small tanh MLP (tanh: the old proxy
+    0.5 * mean(y**2) would add a residual term and miss this by more than the tolerance)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4), nn.Tanh())
+    with torch.no_grad():
+        model[2].bias.fill_(1.5)  # outputs far from 0: a large residual term for the old proxy
+    x = torch.randn(6, 5)
+    names = {"0": model[0].weight, "2": model[2].weight}
+    exact = {}
+    for name, weight in names.items():
+        def output(w, weight=weight):
+            return torch.func.functional_call(model, {f"{name}.weight": w}, (x,))
+
+        jac = torch.autograd.functional.jacobian(output, weight.detach())  # [6, 4, *weight.shape]
+        exact[name] = float(jac.pow(2).sum()) / (x.shape[0] * 4) / weight.numel()
+    estimate = estimate_sensitivity(model, [x], max_iters=3000, min_iters=3000, tol=0.0, progress=False)
+    for name in names:
+        assert estimate[name] == pytest.approx(exact[name], rel=0.1), (name, estimate[name], exact[name])

@@ -68,3 +68,27 @@ def test_trainer_accepts_the_model_and_a_step_trains_it(path, batch, tmp_path):
         opt.step()
         opt.zero_grad()
     assert int(layer.weight_quantizer.num_updates) == 1 and not torch.equal(before, layer.weight_quantizer.codebook)
+
+
+@pytest.mark.parametrize("route", ["quantize_model", "ptq"])
+def test_quantized_after_loading_saves_packed_and_reloads_quantized(path, batch, tmp_path, route):
+    """quantize_model / PTQ on an already loaded float model: save_pretrained must still write packed
+    codes and quantization_config (it used to write float weights that reloaded as a float model)."""
+    from adq_hf import ptq
+
+    model = AutoModel.from_pretrained(path).eval()
+    config = ADQConfig(weight_bits=3, granularity="per_channel")
+    if route == "ptq":
+        ptq.quantize(model, [batch], config, method="rtn", progress=False)
+    else:
+        adq_hf.quantize_model(model, config)
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+    model.save_pretrained(tmp_path)
+    fp_bytes = sum(p.numel() * 4 for p in AutoModel.from_pretrained(path).parameters())
+    assert (tmp_path / "model.safetensors").stat().st_size < 0.7 * fp_bytes  # packed, not float
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded.config.quantization_config, ADQConfig)
+    assert len(adq_hf.quantized_layers(reloaded)) == len(adq_hf.quantized_layers(model))
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).last_hidden_state, expected)

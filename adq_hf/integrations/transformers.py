@@ -85,6 +85,23 @@ class ADQHfQuantizer(HfQuantizer):
         return False  # quantization happens in the modules, not per loaded tensor
 
 
+def attach_quantizer(model, config: ADQConfig) -> None:
+    """Make a transformers model quantized after loading (``quantize_model``, PTQ, mixed precision)
+    save like one quantized by ``from_pretrained``: ``save_pretrained`` writes packed codes and
+    ``quantization_config``, so ``from_pretrained`` loads it back quantized. Without this transformers
+    saved float weights and no config (a float model on reload)."""
+    from transformers import PreTrainedModel
+    from transformers.quantizers.base import _assign_is_quantized
+
+    if not isinstance(model, PreTrainedModel):
+        return
+    if getattr(model, "hf_quantizer", None) is None:  # from_pretrained sets its own after loading
+        model.hf_quantizer = ADQHfQuantizer(config, pre_quantized=False)
+        model.quantization_method = QUANT_METHOD
+    model.config.quantization_config = config
+    _assign_is_quantized(model)
+
+
 def register() -> None:
     """Register ``"adq"`` with transformers (idempotent: re-import and reload are harmless)."""
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not ADQConfig:

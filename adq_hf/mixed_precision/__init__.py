@@ -40,6 +40,7 @@ def plan_mixed_precision(
     method: str = "hutchinson",
     max_iters: int = 50,
     progress: bool = False,
+    loss_fn=None,
 ) -> BitAllocation:
     """``{layer name: bits}`` meeting ``config.target_avg_bits`` on the float ``model``; the result's
     ``.sensitivity`` holds the per-layer sensitivities (the bit report shows them).
@@ -47,7 +48,8 @@ def plan_mixed_precision(
     The layers ``plan_quantization`` gives the role "body" are allocated from ``candidates``; the first
     and last layer (at ``first_layer_bits``/``last_layer_bits``) and layers matched by an explicit
     ``config.layer_bits`` entry keep their bits and count in the average; float layers do not count.
-    Every batch of ``calibration_data`` is used for the sensitivity (pass a few: the recipe passes 4).
+    Every batch of ``calibration_data`` is used for the sensitivity (pass a few: the recipe passes 4);
+    ``loss_fn`` replaces ``default_loss`` (see ``estimate_sensitivity``).
     """
     from ..surgery import plan_quantization
 
@@ -61,8 +63,8 @@ def plan_mixed_precision(
     batches = list(calibration_data)
     if not batches:
         raise ValueError("plan_mixed_precision got no calibration batch.")
-    sensitivity = estimate_sensitivity(model, batches, method=method, num_batches=len(batches), max_iters=max_iters,
-                                       layers=body, progress=progress)
+    sensitivity = estimate_sensitivity(model, batches, loss_fn=loss_fn, method=method, num_batches=len(batches),
+                                       max_iters=max_iters, layers=body, progress=progress)
     bits = allocate_bits(model, sensitivity, target_avg_bits=config.target_avg_bits, candidates=candidates,
                          config=config, fixed=fixed)
     explicit = dict(config.layer_bits)

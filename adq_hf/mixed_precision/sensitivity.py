@@ -8,7 +8,9 @@ weight). The model runs in eval mode during the analysis (no dropout, BatchNorm 
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Mapping
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -41,23 +43,25 @@ def _logits(output) -> torch.Tensor:
     return output[0]  # transformers ModelOutput / tuple: logits or last_hidden_state first
 
 
-def default_loss(model: nn.Module, batch) -> torch.Tensor:
+def default_loss(model: nn.Module, batch, gauss_newton: bool = False) -> torch.Tensor:
     """The loss the sensitivity is taken of, by batch type:
 
     - ``(inputs, labels)`` (a tuple/list): cross-entropy of the output (or its ``.logits``) and labels;
     - a dict with ``labels``/``label``: the model's own ``loss`` when its forward takes ``labels``
       (transformers heads), else cross-entropy of the logits;
     - anything else (a tensor, a dict of inputs without labels): the model's ``loss`` if the output
-      has one, otherwise ``0.5 * mean(output**2)`` of the logits / last hidden state: a label-free
-      proxy for encoders (its Hessian w.r.t. the weights is ``J^T J / N`` plus a residual term, a
-      Gauss-Newton-like curvature of the output).
+      has one, otherwise a label-free loss of the logits / last hidden state ``y``: with
+      ``gauss_newton`` (what Hutchinson uses) ``0.5 * mean((y - y.detach())**2)``, zero in value and
+      gradient but with Hessian exactly ``J^T J / N``: the curvature of the output's squared
+      distortion, which is what quantizing a weight perturbs; without (Fisher needs a gradient)
+      ``0.5 * mean(y**2)``, whose Hessian adds a residual term ``sum y * d2y`` to ``J^T J / N``.
     """
     args, kwargs = model_inputs(batch)
     device = next(model.parameters()).device
     args = tuple(_to_device(a, device) for a in args)
     kwargs = {k: _to_device(v, device) for k, v in kwargs.items()}
     labels = None
-    if isinstance(batch, dict) and ("labels" in batch or "label" in batch):
+    if isinstance(batch, Mapping) and ("labels" in batch or "label" in batch):
         labels = _to_device(batch["labels"] if "labels" in batch else batch["label"], device)
         if "labels" in inspect.signature(model.forward).parameters:
             kwargs["labels"] = labels
@@ -71,7 +75,8 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
     if getattr(output, "loss", None) is not None:
         return output.loss
-    return 0.5 * _logits(output).float().pow(2).mean()
+    y = _logits(output).float()
+    return 0.5 * (y - y.detach()).pow(2).mean() if gauss_newton else 0.5 * y.pow(2).mean()
 
 
 def _wrap_loss(loss_fn) -> Callable[[nn.Module, object], torch.Tensor]:
@@ -138,7 +143,7 @@ def estimate_sensitivity(
             raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}.")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
         raise ValueError(f"tol={tol!r} is invalid: expected a number >= 0.")
-    loss_fn = _wrap_loss(loss_fn)
+    loss_fn = functools.partial(default_loss, gauss_newton=method == "hutchinson") if loss_fn is None else _wrap_loss(loss_fn)
     all_layers = weight_layers(model)
     if not all_layers:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to analyse.")

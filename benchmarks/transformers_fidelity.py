@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""B5: all-MiniLM-L6-v2 quantized through transformers: sentence-embedding fidelity, bits, checkpoint size.
+
+    python benchmarks/transformers_fidelity.py --tier standard [--rows w4 w3 ...] [--restart] [--threads N]
+
+Every quantized row is loaded with ``AutoModel.from_pretrained(path, quantization_config=ADQConfig(...))``
+(weights only: per-output-channel ADQ codebooks, activations float), so ``model.save_pretrained``
+packs it through adq_hf's transformers quantizer. Rows:
+
+* ``w4``, ``w3``, ``w2``: the codebooks as ``from_pretrained`` initialises them (weight quantiles, no data).
+* ``mixed3.5``: ``from_pretrained`` gets no calibration data (``target_avg_bits`` alone raises there),
+  so the bits are allocated first on the FP model (``plan_mixed_precision``: sensitivity on
+  calibration sentences, then the exact allocation) and passed to ``from_pretrained`` as ``layer_bits``.
+* ``ptq_gptq_w3``, ``ptq_sa_w3``: the W3 model, then ``adq_hf.ptq.quantize`` on the calibration sentences.
+* ``qat_w3``: the W3 model, then a short self-distillation (Adam on ``1 - cos`` between its and the
+  FP model's mean-pooled embeddings of the calibration sentences); fidelity before and after.
+
+Fidelity: cosine similarity of mean-pooled embeddings to the FP model's, mean and min over held-out
+sentences (Debian fortunes-min: calibration/training sentences from the start of the list, evaluation
+sentences from index 256 on, so the sets are disjoint). Checkpoint size: bytes of the ``*.safetensors``
+``save_pretrained`` writes, against the FP model saved the same way; each checkpoint is loaded back
+and its fidelity measured again. Finished rows are stored in the JSON as they finish and reused by a
+rerun of the same tier and settings (``--restart`` runs them again).
+Results: benchmarks/results/transformers_fidelity_<tier>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (ROOT, commit, mean_pooled, run_record, sentence_batches, sentence_embeddings,  # noqa: E402
+                    write_results)
+
+EVAL_OFFSET = 256  # fortunes-min has 386 usable sentences: calibration/training from 0, evaluation from here
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Row:
+    kind: str  # the builder below: "fp", "load", "mixed", "ptq" or "qat"
+    bits: Optional[float] = None  # weight bits; for "mixed" the average-bit budget
+    method: str = ""  # PTQ solver; for "mixed": "residual" = sensitivity of 0.5 * mean(y**2) instead of Gauss-Newton
+
+
+ROWS = {
+    "fp": Row("fp"),
+    "w4": Row("load", 4),
+    "w3": Row("load", 3),
+    "w2": Row("load", 2),
+    "mixed3.5": Row("mixed", 3.5),
+    "mixed3.5_residual_proxy": Row("mixed", 3.5, "residual"),  # the label-free loss used before (docs/mixed_precision.md)
+    "ptq_gptq_w3": Row("ptq", 3, "gptq"),
+    "ptq_sa_w3": Row("ptq", 3, "sa"),
+    "qat_w3": Row("qat", 3),
+}
+TIERS = {
+    "quick": {"calib_sentences": 16, "eval_sentences": 32, "batch_size": 16, "sensitivity": "fisher",
+              "sensitivity_batches": 1, "probes": 1, "qat_steps": 5, "qat_lr": 1e-5,
+              "rows": ["fp", "w4", "w3", "mixed3.5", "ptq_gptq_w3", "ptq_sa_w3", "qat_w3"]},
+    "standard": {"calib_sentences": 256, "eval_sentences": 128, "batch_size": 32, "sensitivity": "hutchinson",
+                 "sensitivity_batches": 1, "probes": 50, "qat_steps": 200, "qat_lr": 1e-5, "rows": list(ROWS)},
+}
+
+
+def weight_only(**fields):
+    """The benchmark's ADQConfig: float activations, one codebook per output channel."""
+    from adq_hf import ADQConfig
+
+    return ADQConfig(activation_bits=None, granularity="per_channel", **fields)
+
+
+class Setup:
+    """What every row shares: the FP checkpoint, the sentence batches and the FP reference embeddings."""
+
+    def __init__(self, tier: dict):
+        from transformers import AutoTokenizer
+
+        from adq_hf.data import english_sentences, minilm_path
+
+        self.tier = tier
+        self.path = minilm_path()
+        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        size = tier["batch_size"]
+        self.calibration = sentence_batches(tokenizer, english_sentences(tier["calib_sentences"]), size)
+        held_out = english_sentences(tier["eval_sentences"], offset=EVAL_OFFSET)
+        self.evaluation = sentence_batches(tokenizer, held_out, size)
+        self.reference = sentence_embeddings(self.float_model(), self.evaluation)
+
+    def float_model(self, **overrides):
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.path, **overrides).eval()
+
+    def quantized_model(self, config, **overrides):
+        return self.float_model(quantization_config=config, **overrides)
+
+    def cosines(self, model) -> torch.Tensor:
+        model.eval()
+        return (sentence_embeddings(model, self.evaluation) * self.reference).sum(-1)
+
+
+def build_fp(row: Row, setup: Setup):
+    return setup.float_model(), {"how": "FP32 (from_pretrained, no quantization_config)"}
+
+
+def build_load(row: Row, setup: Setup):
+    return setup.quantized_model(weight_only(weight_bits=row.bits)), {"how": f"from_pretrained, W{row.bits}"}
+
+
+def residual_proxy(model, batch):
+    """The label-free sensitivity loss adq_hf used before Gauss-Newton: its Hessian has a residual term."""
+    return 0.5 * model(**batch).last_hidden_state.float().pow(2).mean()
+
+
+def build_mixed(row: Row, setup: Setup):
+    """Allocated on the FP model (``plan_mixed_precision``, the tier's sensitivity method and probes),
+    then loaded with those ``layer_bits``: the same as ``quantize_model(target_avg_bits=...)`` but
+    with the tier's cheaper settings in the quick tier."""
+    from adq_hf.mixed_precision import plan_mixed_precision
+
+    tier = setup.tier
+    batches = setup.calibration[:tier["sensitivity_batches"]]
+    allocation = plan_mixed_precision(setup.float_model(), weight_only(target_avg_bits=row.bits), batches,
+                                      method=tier["sensitivity"], max_iters=tier["probes"],
+                                      loss_fn=residual_proxy if row.method == "residual" else None)
+    model = setup.quantized_model(weight_only(layer_bits=dict(allocation)))
+    layers_per_bits = {str(b): sum(1 for v in allocation.values() if v == b) for b in sorted(set(allocation.values()))}
+    loss = "0.5*mean(y^2) proxy" if row.method == "residual" else "default loss"
+    how = (f"budget {row.bits} bits: {tier['sensitivity']} sensitivity ({loss}) on the FP model, then "
+           f"from_pretrained(layer_bits=...); layers per bits {layers_per_bits}")
+    return model, {"how": how, "layer_bits": dict(allocation), "layers_per_bits": layers_per_bits}
+
+
+def build_ptq(row: Row, setup: Setup):
+    """PTQ of the model ``from_pretrained`` quantized (so it saves packed), not of a float one."""
+    from adq_hf import ptq
+
+    model = setup.quantized_model(weight_only(weight_bits=row.bits))
+    ptq.quantize(model, setup.calibration, None, method=row.method, progress=False)  # None: the model's own config
+    report = model.ptq_report
+    return model, {"how": f"from_pretrained W{row.bits}, then ptq.quantize(method={row.method!r})",
+                   "recon_error": sum(r["error"] for r in report.values()),
+                   "rtn_recon_error": sum(r["rtn_error"] for r in report.values())}
+
+
+def build_qat(row: Row, setup: Setup):
+    """Dropout is off in the student: with a handful of steps on few sentences its noise would swamp
+    the signal, and the FP teacher it imitates runs without it."""
+    tier = setup.tier
+    student = setup.quantized_model(weight_only(weight_bits=row.bits), hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0)
+    before = setup.cosines(student)
+    losses = self_distill(student, setup.float_model(), setup.calibration, tier["qat_steps"], tier["qat_lr"])
+    how = (f"from_pretrained W{row.bits}, then {tier['qat_steps']} Adam steps (lr {tier['qat_lr']:g}) of "
+           f"self-distillation; cosine before {float(before.mean()):.4f}")
+    return student, {"how": how, "cosine_before": float(before.mean()), "cosine_min_before": float(before.min()),
+                     "steps": tier["qat_steps"], "lr": tier["qat_lr"], "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def self_distill(student, teacher, batches: List[dict], steps: int, lr: float) -> List[float]:
+    """Adam on ``1 - cos(student, teacher)`` of the mean-pooled embeddings, every student parameter
+    (latent weights, biases, norms, embeddings), cycling through ``batches``; in train mode, so the
+    ADQ codebooks also adapt (EMA) as the weights move."""
+    with torch.no_grad():
+        targets = [mean_pooled(teacher, b) for b in batches]  # a fixed teacher: computed once
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    student.train()
+    losses = []
+    for step in range(steps):
+        batch, target = batches[step % len(batches)], targets[step % len(batches)]
+        loss = (1 - F.cosine_similarity(mean_pooled(student, batch), target, dim=-1)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    student.eval()
+    return losses
+
+
+BUILDERS: Dict[str, Callable] = {"fp": build_fp, "load": build_load, "mixed": build_mixed, "ptq": build_ptq,
+                                 "qat": build_qat}
+
+
+def measure(name: str, setup: Setup) -> dict:
+    """Build the row's model, then its fidelity, bits and checkpoint (saved, sized, loaded back)."""
+    from transformers import AutoModel
+
+    import adq_hf
+
+    row = ROWS[name]
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model, extra = BUILDERS[row.kind](row, setup)
+    cosines = setup.cosines(model)
+    with tempfile.TemporaryDirectory(prefix="b5-") as folder:
+        model.save_pretrained(folder)
+        size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(folder, "*.safetensors")))
+        reloaded = setup.cosines(AutoModel.from_pretrained(folder))
+    result = {"kind": row.kind, "bits": row.bits, "method": row.method,
+              "avg_weight_bits": adq_hf.average_weight_bits(model) if adq_hf.quantized_layers(model) else 32.0,
+              "cosine": float(cosines.mean()), "cosine_min": float(cosines.min()),
+              "reloaded_cosine": float(reloaded.mean()), "checkpoint_bytes": size, **extra,
+              "wall_s": time.perf_counter() - started, "commit": commit(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(f"{name}: cosine {result['cosine']:.4f}, {result['avg_weight_bits']:.2f} bits, "
+          f"{size / MB:.1f} MB, {result['wall_s']:.0f} s", flush=True)
+    return result
+
+
+def markdown(result: dict) -> List[str]:
+    rows, settings = result["rows"], result["settings"]
+    fp_bytes = rows.get("fp", {}).get("checkpoint_bytes")
+    lines = [f"Command: `{result['command']}` (commit {result['commit']}, torch {result['machine']['torch']}, "
+             f"{result['machine']['threads']} threads). all-MiniLM-L6-v2, weights only (activations float), "
+             f"per-channel ADQ codebooks; cosine of mean-pooled embeddings to FP on {settings['eval_sentences']} "
+             f"held-out sentences, calibration/training on {settings['calib_sentences']} others.", "",
+             "| row | how | avg weight bits | cosine to FP (mean) | (min) | reloaded checkpoint cosine | "
+             "checkpoint (MB) | / FP checkpoint | wall (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        ratio = f"{r['checkpoint_bytes'] / fp_bytes:.3f}" if fp_bytes else ""
+        lines.append(f"| {name} | {r['how']} | {r['avg_weight_bits']:.2f} | {r['cosine']:.4f} | "
+                     f"{r['cosine_min']:.4f} | {r['reloaded_cosine']:.4f} | {r['checkpoint_bytes'] / MB:.2f} | {ratio} | {r['wall_s']:.0f} |")
+    lines += ["", f"The word/position/type embeddings ({result['float_embedding_bytes'] / MB:.1f} MB of FP32) stay "
+              "float in every checkpoint; only the Linear layers are quantized. MB = 10^6 bytes."]
+    if result["resumed_rows"]:
+        lines.append(f"Rows reused from an earlier invocation (their own commit and time are in the JSON): "
+                     f"{', '.join(result['resumed_rows'])}.")
+    return lines
+
+
+def previous_rows(path: str, settings: dict) -> dict:
+    """Rows of an earlier run of the same tier with the same settings (empty if none)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as fh:
+        earlier = json.load(fh)
+    return earlier.get("rows", {}) if earlier.get("settings") == settings else {}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tier", choices=sorted(TIERS), default="standard")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="default: the tier's rows")
+    parser.add_argument("--restart", action="store_true", help="run every row again, even if stored")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    settings = {k: v for k, v in TIERS[args.tier].items() if k != "rows"}
+    stem = f"transformers_fidelity_{args.tier}"
+    rows = {} if args.restart else previous_rows(os.path.join(args.out, stem + ".json"), settings)
+    resumed = [name for name in rows]
+    wanted = ["fp"] + [n for n in (args.rows or TIERS[args.tier]["rows"]) if n != "fp"]  # FP: the size reference
+    setup = Setup(TIERS[args.tier])
+    embedding_bytes = sum(p.numel() * p.element_size() for p in setup.float_model().embeddings.parameters())
+    started = time.perf_counter()
+
+    def result() -> dict:
+        return {"benchmark": "B5 transformers fidelity (all-MiniLM-L6-v2)", "tier": args.tier, "settings": settings,
+                "rows": {n: rows[n] for n in ROWS if n in rows}, "resumed_rows": resumed,
+                "float_embedding_bytes": embedding_bytes, "wall_s": time.perf_counter() - started,
+                **run_record("transformers_fidelity.py", argv)}
+
+    for name in wanted:
+        if name in rows:
+            print(f"{name}: stored, skipped (--restart runs it again)")
+            continue
+        rows[name] = measure(name, setup)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, stem + ".json"), "w") as fh:  # what a rerun resumes from
+            json.dump(result(), fh, indent=2)
+    final = result()
+    write_results(args.out, stem, final, markdown(final))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

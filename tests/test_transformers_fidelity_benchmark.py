@@ -1,0 +1,53 @@
+"""B5's quick tier (benchmarks/transformers_fidelity.py): it runs, writes well-formed results and
+resumes from them (fidelity values are not asserted beyond their range)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+pytestmark = pytest.mark.slow  # real MiniLM weights and sentences, about 1.5 minutes on 2 busy cores
+
+
+def run_quick_tier(out) -> str:
+    """A subprocess, as a user runs it: one torch thread, the Hub unreachable."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "transformers_fidelity.py"), "--tier", "quick",
+           "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_transformers_fidelity_quick_tier(tmp_path):
+    import transformers_fidelity
+
+    run_quick_tier(tmp_path)
+    result = json.load(open(tmp_path / "transformers_fidelity_quick.json"))
+    rows = result["rows"]
+    assert list(rows) == transformers_fidelity.TIERS["quick"]["rows"]
+    fp_bytes = rows["fp"]["checkpoint_bytes"]
+    assert rows["fp"]["cosine"] == pytest.approx(1.0, abs=1e-5) and fp_bytes > 0
+    for name, row in rows.items():
+        assert -1 - 1e-5 <= row["cosine_min"] <= row["cosine"] <= 1 + 1e-5, name
+        # the packed checkpoint loads back to the same model
+        assert row["reloaded_cosine"] == pytest.approx(row["cosine"], abs=1e-4), name
+        if name != "fp":
+            assert 0 < row["checkpoint_bytes"] < fp_bytes, name
+    assert rows["w4"]["avg_weight_bits"] == 4 and rows["w3"]["avg_weight_bits"] == 3
+    assert rows["mixed3.5"]["avg_weight_bits"] <= 3.5
+    assert rows["w3"]["checkpoint_bytes"] < rows["w4"]["checkpoint_bytes"]
+    assert -1 <= rows["qat_w3"]["cosine_before"] <= 1 and rows["qat_w3"]["steps"] > 0
+    assert result["commit"] and result["command"].startswith("python benchmarks/transformers_fidelity.py")
+    assert "| qat_w3 |" in (tmp_path / "transformers_fidelity_quick.md").read_text()
+
+    # a rerun of the same tier reuses every stored row
+    stdout = run_quick_tier(tmp_path)
+    assert stdout.count("stored, skipped") == len(rows)
+    rerun = json.load(open(tmp_path / "transformers_fidelity_quick.json"))
+    assert rerun["rows"] == rows and rerun["resumed_rows"] == list(rows)
