@@ -71,6 +71,8 @@ class ADQConfig(QuantizationConfigMixin):
         granularity: one codebook/step per tensor (``"per_tensor"``) or per output channel (adq, lsq;
             POST always has one scale per output channel).
         codebook_init: ``"quantile"`` (ADQ) or ``"uniform"`` (ablation).
+        codebook_init_iters: Lloyd iterations (zero kept) run on the initial codebook, so training
+            starts at the fixed point of the EMA update instead of drifting to it; 0 keeps the raw init.
         codebook_update: ``"ema"`` (ADQ online adaptation) or ``"static"`` (ablation).
         ema_decay: EMA decay ``m`` in ``c <- m c + (1 - m) mean``, in (0, 1).
         ema_update_interval: optimiser steps between codebook updates (>= 1).
@@ -90,6 +92,7 @@ class ADQConfig(QuantizationConfigMixin):
         last_layer_bits: Optional[int] = 8,
         granularity: str = "per_tensor",
         codebook_init: str = "quantile",
+        codebook_init_iters: int = 30,
         codebook_update: str = "ema",
         ema_decay: float = 0.99,
         ema_update_interval: int = 1,
@@ -118,6 +121,7 @@ class ADQConfig(QuantizationConfigMixin):
         self.last_layer_bits = last_layer_bits
         self.granularity = granularity
         self.codebook_init = codebook_init
+        self.codebook_init_iters = codebook_init_iters
         self.codebook_update = codebook_update
         self.ema_decay = ema_decay
         self.ema_update_interval = ema_update_interval
@@ -160,6 +164,11 @@ class ADQConfig(QuantizationConfigMixin):
         if isinstance(self.ema_update_interval, bool) or not isinstance(self.ema_update_interval, int) or self.ema_update_interval < 1:
             raise ValueError(
                 f"ADQConfig.ema_update_interval={self.ema_update_interval!r} is invalid: expected an integer >= 1."
+            )
+        if isinstance(self.codebook_init_iters, bool) or not isinstance(self.codebook_init_iters, int) or self.codebook_init_iters < 0:
+            raise ValueError(
+                f"ADQConfig.codebook_init_iters={self.codebook_init_iters!r} is invalid: expected an integer >= 0 "
+                "(0 keeps the initial codebook as it is)."
             )
         if self.target_avg_bits is not None:
             if isinstance(self.target_avg_bits, bool) or not isinstance(self.target_avg_bits, (int, float)) or not (

@@ -56,8 +56,12 @@ ROWS = {
     "brevitas_w3a3": Row("brevitas", "brevitas_w3a3"),
     "brevitas_w4a4": Row("brevitas", "brevitas_w4a4"),
     # ADQ ablations at W2A2, where the codebook has the fewest levels (uniform instead of mixed bits:
-    # compare mixed2.8 with w2a3 and w3a3, which use the same activation bits)
-    "w2a2_uniform_init": Row("ADQ, uniform init", "w2a2", ("quantization.codebook_init=uniform",)),
+    # compare mixed2.8 with w2a3 and w3a3, which use the same activation bits). Quantile against
+    # uniform initialisation is measured on the raw initial levels (no Lloyd refinement, which
+    # would carry either to nearly the same levels): compare w2a2_uniform_init with w2a2_raw_quantile_init.
+    "w2a2_raw_quantile_init": Row("ADQ, no init refinement", "w2a2", ("quantization.codebook_init_iters=0",)),
+    "w2a2_uniform_init": Row("ADQ, uniform init (no refinement)", "w2a2",
+                             ("quantization.codebook_init=uniform", "quantization.codebook_init_iters=0")),
     "w2a2_static_codebook": Row("ADQ, static codebook", "w2a2", ("quantization.codebook_update=static",)),
     "w2a2_no_kd": Row("ADQ, no distillation", "w2a2", ("distill.kd_weight=0.0", "distill.ce_weight=1.0")),
 }

@@ -66,7 +66,38 @@ def test_one_sided_all_zero_and_uniform_init():
     q = CodebookWeightQuantizer(2)
     q.init_from(torch.zeros(6))
     assert torch.equal(q(torch.zeros(6)), torch.zeros(6))
-    assert initial_codebook(KNOWN, 2, init="uniform")[0].tolist() == [-4.0, 0.0, 4.0, 8.0]
+    # uniform: levels s..k*s with the squared-error-minimising step among max/k * (1..64)/64.
+    #   negative 1..4, one level: s = 3 rounds 1 to zero and 2, 3, 4 to 3 (error 1 + 1 + 0 + 1 = 3;
+    #   s = 2.75 gives 3.19, s = 3.25 gives 3.19); positive 1..8, two levels: s = 3.5 (error 8)
+    assert initial_codebook(KNOWN, 2, init="uniform")[0].tolist() == [-3.0, 0.0, 3.5, 7.0]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_refined_codebook_is_the_fixed_point_of_the_ema_update(bits):
+    # quantiles sit inside the cluster means; refinement moves them there, so the EMA update has
+    # nothing left to move at the start of training, and the weights' squared rounding error drops
+    torch.manual_seed(0)
+    weight = torch.randn(64, 3, 3, 3)
+    raw, refined = CodebookWeightQuantizer(bits), CodebookWeightQuantizer(bits, init_iters=30)
+    raw.init_from(weight)
+    refined.init_from(weight)
+    assert not torch.allclose(raw.codebook, refined.codebook, atol=1e-3)
+    assert (refined.codebook == 0).sum() == 1 and (refined.codebook.diff(dim=1) > 0).all()
+    before = refined.codebook.clone()
+    refined.ema_update(weight)
+    assert torch.allclose(refined.codebook, before, atol=1e-5)
+    mse = {name: ((q.decode(q.encode(weight)) - weight) ** 2).mean() for name, q in (("raw", raw), ("refined", refined))}
+    assert mse["refined"] < 0.9 * mse["raw"]
+    # the ablation's raw quantiles: one EMA step moves them by (1 - decay) of the way to the means
+    moved = raw.codebook.clone()
+    raw.ema_update(weight)
+    assert not torch.allclose(raw.codebook, moved, atol=1e-4)
+
+
+def test_config_sets_the_refinement():
+    q = make_weight_quantizer(ADQConfig(weight_bits=2), 2, (8, 4))
+    assert q.init_iters == 30
+    assert make_weight_quantizer(ADQConfig(weight_bits=2, codebook_init_iters=0), 2, (8, 4)).init_iters == 0
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

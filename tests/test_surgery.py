@@ -102,7 +102,7 @@ def test_per_channel_quantizers_are_per_output_channel():
     quantize_model(model, ADQConfig(weight_bits=2, granularity="per_channel"))
     layer = model.layer1[0].conv1
     w = layer.latent_weight().detach()
-    assert torch.equal(layer.weight_quantizer.codebook, initial_codebook(w.reshape(w.shape[0], -1), 2))
+    assert torch.equal(layer.weight_quantizer.codebook, initial_codebook(w.reshape(w.shape[0], -1), 2, iters=30))
 
 
 def test_bad_layer_bits_and_models_without_layers_raise():
@@ -210,7 +210,7 @@ def test_create_model_passes_kwargs_and_initialises_from_pretrained(float_checkp
         layer, weight = model.get_submodule(name), source.get_submodule(name).weight
         assert quantized(layer)
         assert torch.equal(layer.latent_weight(), weight)  # pretrained weights loaded first ...
-        expected = initial_codebook(weight.reshape(weight.shape[0], -1), layer.weight_bits)
+        expected = initial_codebook(weight.reshape(weight.shape[0], -1), layer.weight_bits, iters=30)
         assert torch.equal(layer.weight_quantizer.codebook, expected)  # ... then the codebooks from them
     assert model.layer1[0].conv1.weight_bits == 2 and model.fc.weight_bits == 8
 
