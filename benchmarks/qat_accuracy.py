@@ -175,6 +175,8 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {v['method']} | {v['average_weight_bits']:.2f} | {v['activation_bits']} | "
                      f"{100 * v['top1']:.2f} | {100 * v['fp_top1']:.2f} | {100 * (v['top1'] - v['fp_top1']):+.2f} | "
                      f"{', '.join(f'{t:.0f}' for t in v['epoch_time_s'])} | {v.get('commit') or ''} |")
+    notes = [f"- {name}: {v['note']}" for name, v in rows.items() if v.get("note")]
+    lines += [""] + notes if notes else []
     path = write_results(args.out, stem, result, lines)
     plot(rows, path + ".png")
     return 0

@@ -30,7 +30,14 @@ METHODS = {
     "adq_w2_weight_only": ADQConfig(weight_bits=2),
     "lsq_w2a2": ADQConfig(weight_bits=2, activation_bits=2, weight_quantizer="lsq", activation_quantizer="lsq"),
     "asq_post_w2a2": ADQConfig(weight_bits=2, activation_bits=2, weight_quantizer="post", activation_quantizer="asq"),
+    "brevitas_w2a2": "brevitas",  # the peer library (optional `bench` extra; skipped when not installed)
 }
+
+
+def brevitas_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("brevitas") is not None
 
 
 def build(config, x):
@@ -38,7 +45,12 @@ def build(config, x):
 
     torch.manual_seed(0)
     model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1)
-    if config is not None:
+    if config == "brevitas":
+        import brevitas_peer
+
+        brevitas_peer.convert(model, 2, 2, calibration_batches=[x])
+        brevitas_peer.calibrate(model, [x])
+    elif config is not None:
         adq_hf.quantize_model(model, ADQConfig.from_dict(config.to_dict()), calibration_data=[x])
     return model.train()
 
@@ -51,9 +63,10 @@ def main(argv=None) -> int:
     rounds, steps = (2, 2) if args.tier == "quick" else (7, 5)
     torch.manual_seed(0)
     x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    models = {name: build(cfg, x) for name, cfg in METHODS.items()}
+    methods = {n: c for n, c in METHODS.items() if c != "brevitas" or brevitas_available()}
+    models = {name: build(cfg, x) for name, cfg in methods.items()}
     optims = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
-    times = {name: [] for name in METHODS}
+    times = {name: [] for name in methods}
     for _ in range(rounds):
         for name, model in models.items():
             opt = optims[name]

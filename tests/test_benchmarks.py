@@ -46,3 +46,16 @@ def test_ptq_quick_tier(tmp_path):
             assert row["wall_s"] > 0 and row["recon_error"] >= 0
     assert all(0 <= r["top1"] <= 1 for r in result["rows"] if "top1" in r)
     assert "| resnet20 | 3 | obq |" in (tmp_path / "ptq_quick.md").read_text()
+
+
+def test_readme_results_block_is_generated_from_the_committed_results(tmp_path):
+    import readme_results
+
+    assert readme_results.main(["--check"]) == 0, "run python benchmarks/readme_results.py"
+    # and the check does fail when a committed number and the README disagree
+    readme = tmp_path / "README.md"
+    text = open(os.path.join(ROOT, "README.md")).read()
+    begin = text.index(readme_results.BEGIN)
+    edited = text[:begin] + text[begin:].replace("|", "| 0.00 |", 1)
+    readme.write_text(edited)
+    assert readme_results.main(["--check", "--readme", str(readme)]) == 1

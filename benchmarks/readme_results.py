@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""The README's "Results" tables, generated from the committed ``benchmarks/results/*_standard.json``.
+
+    python benchmarks/readme_results.py           # rewrite the block between the README markers
+    python benchmarks/readme_results.py --check   # exit 1 when the README block is out of date
+
+Only the block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` is generated; the
+commentary around it (where ADQ loses, and why we think so) is written by hand. A benchmark whose
+results file is missing is left out of the block rather than shown with made-up numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+B1_COLUMNS = [("W2A2", 2, 2), ("W2A3", 2, 3), ("W3A3", 3, 3), ("mixed 2.8, A3", 2.8, 3), ("W4A4", 4, 4)]
+
+
+def load(stem: str) -> Optional[dict]:
+    path = os.path.join(RESULTS, stem + ".json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def b1(result: dict) -> List[str]:
+    rows: Dict[str, dict] = result["rows"]
+    fps = sorted({round(100 * r["fp_top1"], 2) for r in rows.values()})
+    fp = f"{fps[0]:.2f}%" if len(fps) == 1 else f"{fps[0]:.2f}-{fps[-1]:.2f}% (the same recipe re-trained at each commit)"
+
+    def column(row: dict) -> Optional[str]:
+        for title, bits, act in B1_COLUMNS:
+            target = 2.8 if bits == 2.8 else bits
+            mixed = len(set(row["bit_map"].values())) > 2  # more than body + 8-bit ends
+            if row["activation_bits"] == act and (mixed == (bits == 2.8)) and abs(row["average_weight_bits"] - target) < 0.3:
+                return title
+        return None
+
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows.values()) if "," not in m]
+    table = {m: {} for m in methods}
+    marked = {}  # cells whose row carries a note (e.g. measured before a method change)
+    for name, row in rows.items():
+        if row["method"] in table and column(row):
+            table[row["method"]][column(row)] = 100 * row["top1"]
+            if row.get("note"):
+                marked[(row["method"], column(row))] = f"{name}: {row['note']}"
+    titles = [t for t, _, _ in B1_COLUMNS if any(t in cells for cells in table.values())]
+    lines = [f"**B1, accuracy against bits**: Fashion-MNIST ResNet-20, FP teacher top-1 {fp}, "
+             f"{result['qat_epochs']:g} QAT epoch with distillation per row, one budget and seed; first conv and "
+             "classifier at 8 bits, counted in the average "
+             f"([results](benchmarks/results/qat_accuracy_standard.md), `python benchmarks/qat_accuracy.py "
+             f"--tier standard`). Top-1 (%), best of each column in bold:", "",
+             "![B1: top-1 over average weight bits](benchmarks/results/qat_accuracy_standard.png)", "",
+             "| method | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
+    best = {t: max((cells[t] for cells in table.values() if t in cells), default=None) for t in titles}
+    for method, cells in table.items():
+        shown = [("" if t not in cells else f"**{cells[t]:.2f}**" if cells[t] == best[t] else f"{cells[t]:.2f}")
+                 + (" †" if (method, t) in marked else "") for t in titles]
+        lines.append(f"| {method} | " + " | ".join(shown) + " |")
+    if marked:
+        lines += [""] + [f"† {note}" for note in marked.values()]
+    ablations = {name: r for name, r in rows.items() if "," in r["method"]}
+    if ablations and "w2a2" in rows:
+        full = 100 * rows["w2a2"]["top1"]
+        lines += ["", "ADQ ablations at W2A2 (same budget; full ADQ W2A2 {:.2f}%):".format(full), "",
+                  "| ablation | top-1 (%) | change |", "|---|---:|---:|"]
+        for name, r in ablations.items():
+            lines.append(f"| {r['method'].split(', ', 1)[1]} | {100 * r['top1']:.2f} | {100 * r['top1'] - full:+.2f} |")
+    by_commit: Dict[str, List[str]] = {}
+    for name, r in rows.items():
+        by_commit.setdefault(r.get("commit") or result["commit"], []).append(name)
+    lines += ["", "Rows by the commit that produced them: " + "; ".join(
+        f"{c}: {', '.join(names)}" for c, names in by_commit.items()) + "."]
+    return lines
+
+
+def b4(result: dict) -> List[str]:
+    ratio, params = result["ratio_to_fp"], result["quantizer_params"]
+    mp = result["mixed_precision_s"]
+    lines = [f"**B4, training cost**: QAT step over FP step, ResNet-20, batch {result['batch']}, same run, medians "
+             f"({result['machine']['threads']} thread(s); [results](benchmarks/results/step_time_standard.md), "
+             "`python benchmarks/step_time.py`):", "",
+             "| method | step time / FP | quantizer parameters (% of FP) |", "|---|---:|---:|"]
+    for name, r in ratio.items():
+        if name != "fp":
+            lines.append(f"| {name} | {r:.2f}x | {params[name]:,} ({100 * params[name] / result['fp_params']:.2f}%) |")
+    lines += ["", f"Mixed-precision planning for 2.8 bits on one batch: Hutchinson sensitivity {mp['sensitivity']:.1f} s, "
+              f"MILP allocation {mp['allocation']:.2f} s."]
+    return lines
+
+
+def b5(result: dict) -> List[str]:
+    rows = result["rows"]
+    lines = ["**B5, transformers**: all-MiniLM-L6-v2 through `AutoModel.from_pretrained(..., "
+             "quantization_config=ADQConfig(...))`, weights only; mean-pooled embedding cosine to FP on held-out "
+             "real sentences ([results](benchmarks/results/transformers_fidelity_standard.md), "
+             "`python benchmarks/transformers_fidelity.py --tier standard`):", "",
+             "| row | how | avg weight bits | cosine to FP (mean) | min | checkpoint / FP checkpoint |",
+             "|---|---|---:|---:|---:|---:|"]
+    fp_bytes = rows["fp"]["checkpoint_bytes"]
+    for name, r in rows.items():
+        if name != "fp":
+            lines.append(f"| {name} | {r['how']} | {r['avg_weight_bits']:.2f} | {r['cosine']:.4f} | "
+                         f"{r['cosine_min']:.4f} | {r['checkpoint_bytes'] / fp_bytes:.2f} |")
+    return lines
+
+
+def block() -> str:
+    parts = []
+    for stem, render in (("qat_accuracy_standard", b1), ("step_time_standard", b4),
+                         ("transformers_fidelity_standard", b5)):
+        result = load(stem)
+        if result is not None:
+            parts.append("\n".join(render(result)) + f"\n\n(commit {result['commit']}, {result['time']})")
+    return BEGIN + "\n" + "\n\n".join(parts) + "\n" + END
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check that the README block is current")
+    parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    args = parser.parse_args(argv)
+    with open(args.readme) as fh:
+        text = fh.read()
+    if BEGIN not in text or END not in text:
+        print(f"{args.readme} has no {BEGIN} ... {END} block: add the two markers where the tables go", file=sys.stderr)
+        return 2
+    head, rest = text.split(BEGIN, 1)
+    new = head + block() + rest.split(END, 1)[1]
+    if args.check:
+        if new != text:
+            print("README results are out of date: run python benchmarks/readme_results.py", file=sys.stderr)
+            return 1
+        return 0
+    with open(args.readme, "w") as fh:
+        fh.write(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
