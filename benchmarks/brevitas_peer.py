@@ -146,20 +146,22 @@ def _input_signs(model: nn.Module, names: List[str], batches: Iterable) -> Dict[
 
 
 def plan(model: nn.Module, weight_bits: int, activation_bits: Optional[int], first_layer_bits: int = 8,
-         last_layer_bits: int = 8):
+         last_layer_bits: int = 8, layer_bits: Optional[Dict[str, int]] = None):
     """adq_hf's own layer selection and bits (``adq_hf.surgery.plan_quantization``), so the
-    brevitas row quantizes exactly the layers our rows do, at the same bits."""
+    brevitas row quantizes exactly the layers our rows do, at the same bits (``layer_bits``: a
+    mixed-precision allocation, ``{module name or regex: weight bits}`` as in ``ADQConfig``)."""
     from adq_hf import ADQConfig
     from adq_hf.surgery import plan_quantization
 
     config = ADQConfig(weight_bits=weight_bits, activation_bits=activation_bits, first_layer_bits=first_layer_bits,
-                       last_layer_bits=last_layer_bits, weight_quantizer="lsq", activation_quantizer="lsq")
+                       last_layer_bits=last_layer_bits, layer_bits=layer_bits, weight_quantizer="lsq",
+                       activation_quantizer="lsq")
     return plan_quantization(model, config)
 
 
 def convert(model: nn.Module, weight_bits: int, activation_bits: Optional[int], first_layer_bits: int = 8,
             last_layer_bits: int = 8, calibration_batches: Optional[Iterable] = None,
-            signed: Optional[Dict[str, bool]] = None) -> nn.Module:
+            signed: Optional[Dict[str, bool]] = None, layer_bits: Optional[Dict[str, int]] = None) -> nn.Module:
     """Replace the model's Conv2d/Linear layers (in place) by brevitas layers; returns the model.
 
     ``calibration_batches`` (tensors or ``(images, labels)``) decide, per layer, a signed or an
@@ -169,7 +171,7 @@ def convert(model: nn.Module, weight_bits: int, activation_bits: Optional[int], 
     Activation scales are not initialised here: call ``calibrate`` (or let brevitas collect them
     over its first 300 training steps).
     """
-    plans = plan(model, weight_bits, activation_bits, first_layer_bits, last_layer_bits)
+    plans = plan(model, weight_bits, activation_bits, first_layer_bits, last_layer_bits, layer_bits)
     names = [p.name for p in plans]
     if signed is not None:
         signs = {n: bool(signed[n]) for n in names}
@@ -185,6 +187,7 @@ def convert(model: nn.Module, weight_bits: int, activation_bits: Optional[int], 
     model.brevitas_config = {"backend": BACKEND, "brevitas_version": brevitas.__version__,
                              "weight_bits": weight_bits, "activation_bits": activation_bits,
                              "first_layer_bits": first_layer_bits, "last_layer_bits": last_layer_bits,
+                             "layer_bits": dict(layer_bits or {}),
                              "weight_quant": WEIGHT_QUANT.__name__, "weight_scaling": "per_channel_max_stats",
                              "signed_act_quant": SIGNED_ACT_QUANT.__name__,
                              "unsigned_act_quant": UNSIGNED_ACT_QUANT.__name__,

@@ -29,7 +29,7 @@ import json
 import os
 import sys
 
-BREVITAS_KEYS = {"backend", "weight_bits", "activation_bits", "first_layer_bits", "last_layer_bits"}
+BREVITAS_KEYS = {"backend", "weight_bits", "activation_bits", "first_layer_bits", "last_layer_bits", "layer_bits"}
 
 
 def quantization_settings(config: dict, recipe) -> dict:
@@ -42,7 +42,8 @@ def quantization_settings(config: dict, recipe) -> dict:
     if config["init"] != "weights":
         raise recipe.RecipeError(f"init={config['init']!r}: backend brevitas starts from the weights only")
     settings = {"weight_bits": q.get("weight_bits", 4), "activation_bits": q.get("activation_bits", 4),
-                "first_layer_bits": q.get("first_layer_bits", 8), "last_layer_bits": q.get("last_layer_bits", 8)}
+                "first_layer_bits": q.get("first_layer_bits", 8), "last_layer_bits": q.get("last_layer_bits", 8),
+                "layer_bits": q.get("layer_bits") or {}}
     from adq_hf import ADQConfig
 
     try:  # the same bit checks as our rows (2-8 bits; activation_bits None = weight-only)
@@ -195,6 +196,6 @@ def load_final(folder: str):
     model = timm.create_model(spec["name"], num_classes=spec["num_classes"], in_chans=spec["in_chans"],
                               **(spec.get("kwargs") or {}))
     peer.convert(model, cfg["weight_bits"], cfg["activation_bits"], cfg["first_layer_bits"], cfg["last_layer_bits"],
-                 signed=cfg["signed_inputs"])
+                 signed=cfg["signed_inputs"], layer_bits=cfg.get("layer_bits"))
     model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
     return model.eval()

@@ -55,6 +55,7 @@ ROWS = {
     "brevitas_w2a2": Row("brevitas", "brevitas_w2a2"),
     "brevitas_w3a3": Row("brevitas", "brevitas_w3a3"),
     "brevitas_w4a4": Row("brevitas", "brevitas_w4a4"),
+    "brevitas_mixed2.8": Row("brevitas", "brevitas_mixed2.8"),
     # ADQ ablations at W2A2, where the codebook has the fewest levels (uniform instead of mixed bits:
     # compare mixed2.8 with w2a3 and w3a3, which use the same activation bits). Quantile against
     # uniform initialisation is measured on the raw initial levels (no Lloyd refinement, which
@@ -73,7 +74,9 @@ TIERS = {  # overrides shared by every row, and the rows run when --rows is not 
 }
 
 
-def run_row(name: str, row: Row, overrides: List[str], out: str) -> dict:
+def run_row(name: str, row: Row, overrides: List[str], out: str, record: dict) -> dict:
+    """The row's recipe results; runs the recipe unless an earlier invocation finished it. The
+    commit that ran it is written beside them, so later invocations credit the right commit."""
     done = os.path.join(out, "results.json")
     if not os.path.isfile(done):
         config = os.path.join(ROOT, "recipes", "configs", f"fmnist_resnet20_{row.config}.yaml")
@@ -84,8 +87,21 @@ def run_row(name: str, row: Row, overrides: List[str], out: str) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"row {name} failed:\n{proc.stderr[-3000:]}")
         print(f"{name}: {time.time() - started:.0f} s", flush=True)
+        with open(os.path.join(out, ROW_RECORD), "w") as fh:
+            json.dump({"commit": record["commit"], "time": record["time"]}, fh)
     with open(done) as fh:
         return json.load(fh)
+
+
+ROW_RECORD = "benchmark_row.json"  # commit and time of the invocation that ran the row
+
+
+def row_record(out: str, fallback: dict) -> dict:
+    path = os.path.join(out, ROW_RECORD)
+    if os.path.isfile(path):
+        with open(path) as fh:
+            return json.load(fh)
+    return fallback
 
 
 def summarise(name: str, row: Row, result: dict, record: dict) -> dict:
@@ -149,20 +165,25 @@ def main(argv=None) -> int:
     stem = f"qat_accuracy_{args.tier}"
     work = os.path.join(args.work_dir, args.tier)
     record = run_record("qat_accuracy.py", argv)
+    earlier = committed_rows(os.path.join(args.out, stem + ".json"))
+
+    def credit(name: str) -> dict:  # who ran a row finished before the record files existed
+        return {k: earlier[name].get(k) for k in ("commit", "time")} if name in earlier else record
+
     rows = {}
     for name in args.rows or default_rows:
         try:
-            rows[name] = summarise(name, ROWS[name], run_row(name, ROWS[name], overrides, os.path.join(work, name)),
-                                   record)
+            out = os.path.join(work, name)
+            result = run_row(name, ROWS[name], overrides, out, record)
+            rows[name] = summarise(name, ROWS[name], result, row_record(out, credit(name)))
         except RuntimeError as err:
             print(err, file=sys.stderr)
             return 1
-    earlier = committed_rows(os.path.join(args.out, stem + ".json"))
     for name, row in ROWS.items():  # rows finished by earlier invocations (other --rows) stay in the results
         done = os.path.join(work, name, "results.json")
         if name not in rows and os.path.isfile(done):
             with open(done) as fh:
-                rows[name] = summarise(name, row, json.load(fh), {"commit": record["commit"], "time": None})
+                rows[name] = summarise(name, row, json.load(fh), row_record(os.path.join(work, name), credit(name)))
         elif name not in rows and name in earlier:
             rows[name] = earlier[name]
     rows = {name: rows[name] for name in ROWS if name in rows}  # a stable order

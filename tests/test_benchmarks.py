@@ -18,7 +18,7 @@ def test_step_time_quick_tier(tmp_path):
     assert (tmp_path / "step_time_quick.md").read_text().startswith("| method")
 
 
-def test_qat_accuracy_quick_tier(tmp_path):
+def test_qat_accuracy_quick_tier(tmp_path, monkeypatch):
     import qat_accuracy
 
     args = ["--tier", "quick", "--work-dir", str(tmp_path / "runs"), "--out", str(tmp_path),
@@ -32,6 +32,16 @@ def test_qat_accuracy_quick_tier(tmp_path):
         assert 0 <= row["top1"] <= 1 and 0 <= row["fp_top1"] <= 1 and len(row["epoch_time_s"]) == 1
     assert result["rows"]["mixed2.8"]["average_weight_bits"] <= 2.8
     assert "| w2a2 |" in (tmp_path / "qat_accuracy_quick.md").read_text()
+    # A later invocation at another commit reuses the finished rows (nothing re-trains) and credits
+    # each to the commit that ran it, not to itself.
+    ran_by = {name: row["commit"] for name, row in result["rows"].items()}
+    later = dict(qat_accuracy.run_record("qat_accuracy.py", args), commit="a-later-commit")
+    monkeypatch.setattr(qat_accuracy, "run_record", lambda *_: later)
+    monkeypatch.setattr(qat_accuracy, "subprocess", None)  # a row that re-trained would raise here
+    assert qat_accuracy.main(args + ["--rows", "w2a2"]) == 0
+    again = json.load(open(tmp_path / "qat_accuracy_quick.json"))
+    assert again["commit"] == "a-later-commit"
+    assert {name: row["commit"] for name, row in again["rows"].items()} == ran_by
 
 
 def test_ptq_quick_tier(tmp_path):

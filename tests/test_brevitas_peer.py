@@ -126,6 +126,25 @@ def tiny(tmp_path, out, config=CONFIGS[2], **extra):
             *[f"{k}={v}" for k, v in settings.items()]]
 
 
+def test_mixed_precision_layer_bits(one_thread):
+    """The mixed row: ``layer_bits`` (an allocation written out) sets each layer's weight bits; the
+    activations and the 8-bit ends stay as without it."""
+    import yaml
+
+    with open(os.path.join(ROOT, "recipes", "configs", "fmnist_resnet20_brevitas_mixed2.8.yaml")) as fh:
+        q = yaml.safe_load(fh)["quantization"]
+    model = float_model()
+    brevitas_peer.convert(model, q["weight_bits"], q["activation_bits"], layer_bits=q["layer_bits"])
+    bmap = brevitas_peer.bit_map(model)
+    assert {n: b["weight_bits"] for n, b in bmap.items() if n not in ("conv1", "fc")} == q["layer_bits"]
+    assert quant_bits(model.layer3[2].conv2) == (2, 3, False) and quant_bits(model.layer1[1].conv1) == (8, 3, False)
+    assert quant_bits(model.fc) == (8, 8, False)
+    assert 2.7 < brevitas_peer.average_weight_bits(model) <= 2.8
+    assert model.brevitas_config["layer_bits"] == q["layer_bits"]
+    with pytest.raises(ValueError, match="layer_bits"):  # a name that matches no layer is an error, as in ADQConfig
+        brevitas_peer.convert(float_model(), 3, 3, layer_bits={"layer9.conv": 2})
+
+
 def test_configs_differ_from_ours_only_in_quantization():
     import yaml
 
