@@ -78,7 +78,7 @@ def test_refined_codebook_is_the_fixed_point_of_the_ema_update(bits):
     # nothing left to move at the start of training, and the weights' squared rounding error drops
     torch.manual_seed(0)
     weight = torch.randn(64, 3, 3, 3)
-    raw, refined = CodebookWeightQuantizer(bits), CodebookWeightQuantizer(bits, init_iters=30)
+    raw, refined = CodebookWeightQuantizer(bits, init_iters=0), CodebookWeightQuantizer(bits)  # default: refined
     raw.init_from(weight)
     refined.init_from(weight)
     assert not torch.allclose(raw.codebook, refined.codebook, atol=1e-3)
@@ -118,7 +118,7 @@ def test_nearest_codes_ties_go_to_the_lower_level():
 # ---------------------------------------------------------------- codebook EMA adaptation
 
 def test_one_ema_step_equals_the_formula_and_keeps_zero():
-    q = CodebookWeightQuantizer(2, ema_decay=0.9)
+    q = CodebookWeightQuantizer(2, ema_decay=0.9, init_iters=0)  # the raw quantiles, from the test above
     q.init_from(KNOWN)
     # nearest level (midpoints -1.25, 1.375, 4.5): {-4,-3,-2} -> -2.5, {-1, 1} -> 0, {2,3,4} -> 2.75, {5..8} -> 6.25
     q.ema_update(KNOWN)

@@ -114,7 +114,7 @@ class CodebookWeightQuantizer(WeightQuantizer):
         ema_decay: float = 0.99,
         update_interval: int = 1,
         adapt: bool = True,
-        init_iters: int = 0,
+        init_iters: int = 30,
     ):
         super().__init__(bits)
         self.init = init
