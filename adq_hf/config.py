@@ -179,6 +179,16 @@ class ADQConfig(QuantizationConfigMixin):
                 )
             self.target_avg_bits = float(self.target_avg_bits)
 
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        """As the mixin's, but overrides in ``kwargs`` (``from_pretrained(..., weight_bits=3)``) go
+        through the constructor's validation instead of being set on the built config unchecked."""
+        fields = set(cls._field_names())
+        merged = {**config_dict, **{k: v for k, v in kwargs.items() if k in fields}}
+        unused = {k: v for k, v in kwargs.items() if k not in fields}
+        config = cls(**merged)
+        return (config, unused) if return_unused_kwargs else config
+
     def to_dict(self) -> Dict[str, Any]:
         names = ["quant_method"] + [n for n in self._field_names() if n != "quant_method"]
         return {name: json.loads(json.dumps(getattr(self, name))) for name in names}

@@ -95,6 +95,14 @@ def test_unknown_field_is_rejected_with_the_known_ones():
         ADQConfig.from_dict({"quant_method": "adq", "bits": 4})
 
 
+def test_from_dict_overrides_are_validated_and_unknown_ones_returned():
+    base = ADQConfig(weight_bits=2).to_dict()
+    config, unused = ADQConfig.from_dict(base, return_unused_kwargs=True, weight_bits=3, trust_remote_code=True)
+    assert config.weight_bits == 3 and unused == {"trust_remote_code": True}
+    with pytest.raises(ValueError, match="weight_bits"):  # the mixin set overrides without checking them
+        ADQConfig.from_dict(base, weight_bits=17)
+
+
 def test_valid_edges_are_accepted():
     for bits in (2, 8):
         config = ADQConfig(weight_bits=bits, activation_bits=bits, first_layer_bits=bits, last_layer_bits=bits,
