@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -228,6 +229,13 @@ def layer_input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"{type(layer).__name__} is not a Linear/Conv2d layer")
 
 
+def token_mask(batch) -> Optional[torch.Tensor]:
+    """The batch's ``attention_mask`` as booleans ([batch, tokens], True = a real token), if it has one:
+    padding positions are not inputs the quantized model will see, so they stay out of the Hessian."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+
 def _supported(layer: nn.Module) -> bool:
     """Plain quantized Linear/Conv2d math (timm's forward-overriding convs transform the weight or
     pad dynamically, so the Hessian of the raw weight is not theirs)."""
@@ -241,13 +249,16 @@ def _supported(layer: nn.Module) -> bool:
 @torch.no_grad()
 def collect_hessian(model: nn.Module, layer: nn.Module, batches: List) -> torch.Tensor:
     """``H = 2/N X X^T`` (float64) of ``layer``'s inputs (after its input quantizer) over ``batches``,
-    running the model only up to that layer."""
+    running the model only up to that layer; padding tokens (``attention_mask`` 0) are left out."""
     device = layer.latent_weight().device
     cols = layer.latent_weight()[0].numel()
-    acc = {"h": torch.zeros(cols, cols, dtype=torch.float64, device=device), "n": 0}
+    acc = {"h": torch.zeros(cols, cols, dtype=torch.float64, device=device), "n": 0, "mask": None}
 
     def hook(module, args):
-        rows = layer_input_rows(module, module.quantize_input(args[0])).to(torch.float64)
+        x, mask = module.quantize_input(args[0]), acc["mask"]
+        if isinstance(module, nn.Linear) and mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+            x = x[mask.to(x.device)]  # real tokens only
+        rows = layer_input_rows(module, x).to(torch.float64)
         acc["h"].addmm_(rows.T, rows)
         acc["n"] += rows.shape[0]
         raise _Captured
@@ -255,6 +266,7 @@ def collect_hessian(model: nn.Module, layer: nn.Module, batches: List) -> torch.
     handle = layer.register_forward_pre_hook(hook)
     try:
         for batch in batches:
+            acc["mask"] = token_mask(batch)
             try:
                 _run(model, batch, device)
             except _Captured:

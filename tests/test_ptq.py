@@ -133,6 +133,24 @@ def test_compensating_methods_beat_rtn_on_real_conv_hessians(fmnist_batches, bit
         assert layer_error(w, SOLVERS["sa"](w, hd, tables), h) < 0.8 * rtn
 
 
+def test_padding_tokens_stay_out_of_the_hessian():
+    """A padded batch gives the Hessian of its real tokens: the same as each sentence on its own."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from adq_hf.data import minilm_path
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, quantization_config=ADQConfig(weight_bits=4, activation_bits=None)).eval()
+    sentences = ["Short.", "This sentence is a good deal longer than the first one, so it sets the padding."]
+    padded = dict(tokenizer(sentences, padding=True, return_tensors="pt"))
+    assert (padded["attention_mask"] == 0).sum() > 10
+    alone = [dict(tokenizer([s], return_tensors="pt")) for s in sentences]
+    for layer in (model.encoder.layer[0].attention.self.query, model.encoder.layer[2].output.dense):
+        h_padded, h_alone = collect_hessian(model, layer, [padded]), collect_hessian(model, layer, alone)
+        assert torch.allclose(h_padded, h_alone, rtol=1e-4, atol=1e-6 * h_alone.abs().max().item())
+
+
 def test_compensating_methods_beat_rtn_on_a_real_minilm_layer():
     from transformers import AutoModel, AutoTokenizer
 
