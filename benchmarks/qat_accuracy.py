@@ -74,6 +74,9 @@ TIERS = {  # overrides shared by every row, and the rows run when --rows is not 
 }
 
 
+ROW_RECORD = "benchmark_row.json"  # commit and time of the invocation that ran the row
+
+
 def run_row(name: str, row: Row, overrides: List[str], out: str, record: dict) -> dict:
     """The row's recipe results; runs the recipe unless an earlier invocation finished it. The
     commit that ran it is written beside them, so later invocations credit the right commit."""
@@ -91,9 +94,6 @@ def run_row(name: str, row: Row, overrides: List[str], out: str, record: dict) -
             json.dump({"commit": record["commit"], "time": record["time"]}, fh)
     with open(done) as fh:
         return json.load(fh)
-
-
-ROW_RECORD = "benchmark_row.json"  # commit and time of the invocation that ran the row
 
 
 def row_record(out: str, fallback: dict) -> dict:
