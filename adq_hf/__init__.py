@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 from . import models  # noqa: F401  (registers resnet20_cifar with timm)
 from .config import ADQConfig
 from .nn import QuantConv2d, QuantLinear, quantized_layers
-from .surgery import average_weight_bits, bit_map, calibrate_activations, quantize_model
+from .quantize import quantize_model
+from .surgery import average_weight_bits, bit_map, calibrate_activations
 from .integrations import timm as _timm_integration
 from .integrations import transformers as _transformers_integration
 from .integrations.timm import create_model, save_pretrained

@@ -34,7 +34,8 @@ from torch import nn
 
 from .config import ADQConfig
 from .nn import QuantConv2d, QuantLinear, is_quantized_layer, quantized_layers
-from .surgery import calibrate_activations, model_inputs, quantize_model
+from .quantize import quantize_model
+from .surgery import calibrate_activations, model_inputs
 
 METHODS = ("rtn", "gptq", "obq", "sa")
 

@@ -1,5 +1,6 @@
-"""``quantize_model``: the one place that decides which layers are quantized, at which bits, and
-swaps them. timm, transformers, the recipes and PTQ all call it.
+"""Model surgery: the one place that decides which layers are quantized, at which bits, and swaps
+them (``convert_model``). ``adq_hf.quantize_model`` (plan bits, convert, calibrate) calls it; timm,
+transformers, the recipes and PTQ call that. Nothing here imports the planners or the integrations.
 
 Which layers (in this order of precedence, docs/methods.md):
   1. ``modules_to_not_convert`` (names, prefixes or regexes) stay float;
@@ -16,13 +17,11 @@ way adq_hf does not know, stay float with a warning.
 
 from __future__ import annotations
 
-import itertools
-import sys
 from collections.abc import Mapping
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -32,7 +31,6 @@ from .nn import convert_layer, input_channels, is_quantized_layer, quantized_cla
 from .quantizers import make_activation_quantizer, make_weight_quantizer
 
 _CLASSIFIER_NAMES = ("classifier", "score", "head", "fc")
-MAX_CALIBRATION_BATCHES = 8  # taken from an iterator (e.g. a DataLoader); lists are used whole
 
 
 @dataclass
@@ -128,34 +126,32 @@ def plan_quantization(model: nn.Module, config: ADQConfig) -> List[LayerPlan]:
     return plans
 
 
-def quantize_model(
-    model: nn.Module,
-    config: ADQConfig,
-    calibration_data: Optional[Iterable] = None,
-    init_from_weights: bool = True,
-) -> nn.Module:
-    """Swap Linear/Conv2d layers for quantized ones and initialise their quantizers from the weights.
+# Called with (model, config) after every conversion: the integrations register here (transformers'
+# ``attach_quantizer``), so surgery never imports them.
+POST_CONVERT_HOOKS: List[Callable[[nn.Module, ADQConfig], None]] = []
 
-    ``calibration_data`` (an iterable of batches: tensors, ``(inputs, labels)`` or dicts of model
-    inputs) initialises activation quantizers from the first batch and feeds the mixed-precision
-    allocation when ``config.target_avg_bits`` is set (a list is used whole; from any other iterable,
-    e.g. a DataLoader, the first ``MAX_CALIBRATION_BATCHES`` batches). ``init_from_weights=False`` is for weights
-    that are not loaded yet (meta device, pre-quantized checkpoints).
+
+def register_post_convert_hook(hook: Callable[[nn.Module, ADQConfig], None]) -> None:
+    """Run ``hook(model, config)`` after :func:`convert_model` (idempotent per hook)."""
+    if hook not in POST_CONVERT_HOOKS:
+        POST_CONVERT_HOOKS.append(hook)
+
+
+def convert_model(model: nn.Module, config: ADQConfig, init_from_weights: bool = True) -> nn.Module:
+    """Swap the layers :func:`plan_quantization` selects for quantized ones, in place, and
+    initialise their weight quantizers from the weights (``init_from_weights=False``: the weights
+    are not loaded yet: meta device, pre-quantized checkpoints).
+
+    The bits come from ``config`` as it is: a mixed-precision budget (``target_avg_bits``) must have
+    been turned into ``layer_bits`` before (``adq_hf.quantize_model`` does it).
     """
     if not isinstance(config, ADQConfig):
         raise TypeError(f"quantize_model expects an adq_hf.ADQConfig, got {type(config).__name__}.")
     if config.target_avg_bits is not None and not config.layer_bits:
-        if calibration_data is None:
-            raise ValueError(
-                f"ADQConfig.target_avg_bits={config.target_avg_bits} needs calibration data to allocate bits: "
-                "pass quantize_model(model, config, calibration_data=...) or give layer_bits explicitly."
-            )
-        from .mixed_precision import plan_mixed_precision
-
-        if not isinstance(calibration_data, (list, tuple)):  # a DataLoader: a few batches, not the data set
-            calibration_data = list(itertools.islice(calibration_data, MAX_CALIBRATION_BATCHES))
-        allocation = plan_mixed_precision(model, config, calibration_data)
-        config.layer_bits, model.adq_sensitivity = dict(allocation), allocation.sensitivity
+        raise ValueError(
+            f"ADQConfig.target_avg_bits={config.target_avg_bits} has no bit map yet: use adq_hf.quantize_model(model, "
+            "config, calibration_data=...) (it allocates the bits first), or give layer_bits explicitly."
+        )
     modules = dict(model.named_modules())
     for plan in plan_quantization(model, config):
         module = modules[plan.name]
@@ -168,12 +164,8 @@ def quantize_model(
             wq.init_from(weight.detach())
         convert_layer(module, wq, aq)
     model.quantization_config = config
-    if "transformers" in sys.modules:  # a transformers model saves packed codes from now on
-        from .integrations.transformers import attach_quantizer
-
-        attach_quantizer(model, config)
-    if calibration_data is not None and config.activation_bits is not None:
-        calibrate_activations(model, calibration_data)
+    for hook in POST_CONVERT_HOOKS:
+        hook(model, config)
     return model
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ADQConfig
 from ..serialization import WEIGHTS_NAME, CheckpointError, load_file, save_file
-from ..surgery import quantize_model
+from ..quantize import quantize_model
 
 _timm_create_model = timm.models._factory.create_model
 

@@ -18,7 +18,8 @@ from ..config import QUANT_METHOD, ADQConfig
 from ..nn import quantized_layers
 from ..packing import packed_size, unpack_codes
 from ..serialization import CODES_SUFFIX, CheckpointError, quantized_state_dict
-from ..surgery import quantize_model
+from ..quantize import quantize_model
+from ..surgery import register_post_convert_hook
 
 
 class ADQHfQuantizer(HfQuantizer):
@@ -104,6 +105,7 @@ def attach_quantizer(model, config: ADQConfig) -> None:
 
 def register() -> None:
     """Register ``"adq"`` with transformers (idempotent: re-import and reload are harmless)."""
+    register_post_convert_hook(attach_quantizer)
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not ADQConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
         register_quantization_config(QUANT_METHOD)(ADQConfig)

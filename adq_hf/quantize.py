@@ -1,0 +1,53 @@
+"""``quantize_model``: plan, convert, calibrate — the entry point timm, transformers, the recipes and
+PTQ call.
+
+The flow goes one way: a mixed-precision budget is planned first (``adq_hf.mixed_precision``: sensitivity
+-> bit map written into the config), then ``adq_hf.surgery.convert_model`` swaps the layers, then
+activation quantizers are calibrated. Surgery depends on neither the planner nor the integrations.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Optional
+
+from torch import nn
+
+from .config import ADQConfig
+from .surgery import calibrate_activations, convert_model
+
+MAX_CALIBRATION_BATCHES = 8  # taken from an iterator (e.g. a DataLoader); lists are used whole
+
+
+def quantize_model(
+    model: nn.Module,
+    config: ADQConfig,
+    calibration_data: Optional[Iterable] = None,
+    init_from_weights: bool = True,
+) -> nn.Module:
+    """Swap Linear/Conv2d layers for quantized ones and initialise their quantizers from the weights.
+
+    ``calibration_data`` (an iterable of batches: tensors, ``(inputs, labels)`` or dicts of model
+    inputs) initialises activation quantizers from the first batch and feeds the mixed-precision
+    allocation when ``config.target_avg_bits`` is set (a list is used whole; from any other iterable,
+    e.g. a DataLoader, the first ``MAX_CALIBRATION_BATCHES`` batches). ``init_from_weights=False`` is for weights
+    that are not loaded yet (meta device, pre-quantized checkpoints).
+    """
+    if not isinstance(config, ADQConfig):
+        raise TypeError(f"quantize_model expects an adq_hf.ADQConfig, got {type(config).__name__}.")
+    if config.target_avg_bits is not None and not config.layer_bits:
+        if calibration_data is None:
+            raise ValueError(
+                f"ADQConfig.target_avg_bits={config.target_avg_bits} needs calibration data to allocate bits: "
+                "pass quantize_model(model, config, calibration_data=...) or give layer_bits explicitly."
+            )
+        from .mixed_precision import plan_mixed_precision
+
+        if not isinstance(calibration_data, (list, tuple)):  # a DataLoader: a few batches, not the data set
+            calibration_data = list(itertools.islice(calibration_data, MAX_CALIBRATION_BATCHES))
+        allocation = plan_mixed_precision(model, config, calibration_data)
+        config.layer_bits, model.adq_sensitivity = dict(allocation), allocation.sensitivity
+    convert_model(model, config, init_from_weights=init_from_weights)
+    if calibration_data is not None and config.activation_bits is not None:
+        calibrate_activations(model, calibration_data)
+    return model
