@@ -23,6 +23,7 @@ from adq_hf.deploy import (
     n2uq_thresholds,
     onnx_session,
     resident_bytes,
+    set_exact,
     set_weight_cache,
 )
 from adq_hf.packing import pack_codes, unpack_codes
@@ -80,7 +81,8 @@ def test_deploy_outputs_equal_fake_quant_eval_bit_for_bit(config):
     batch = torch.randn(16, *FMNIST)
     with torch.no_grad():
         expected, expected_batch = model(x), model(batch)
-    convert_for_inference(model)
+        expected_one = model(x[:1])
+    convert_for_inference(model, exact=True)
     layers = adq_hf.quantized_layers(model)
     assert layers and all(isinstance(m, DeployedLayerMixin) for _, m in layers)
     for _, layer in layers:  # packed codes only: no float weight parameter left
@@ -90,6 +92,14 @@ def test_deploy_outputs_equal_fake_quant_eval_bit_for_bit(config):
     with torch.no_grad():
         assert torch.equal(model(x), expected)
         assert torch.equal(model(batch), expected_batch)
+        assert torch.equal(model(x[:1]), expected_one)
+        # default: the classifier (the only Linear) at batch 1 runs the fused kernel: float reassociation
+        set_exact(model, False)
+        fused = isinstance(model.fc, DeployedLayerMixin)  # not with last_layer_bits=None
+        assert not fused or model.fc.fused_linear(torch.randn(1, model.fc.in_features)) is not None
+        got = model(x[:1])
+        assert torch.equal(model(batch), expected_batch)  # 16 rows: decoded weight, F.linear
+    assert (got - expected_one).abs().max() <= 1e-5 * expected_one.abs().max()
 
 
 def test_bit_map_and_average_bits_read_deployed_models():
@@ -111,7 +121,7 @@ def test_forward_overriding_timm_convs_deploy_exactly():
     model.eval()
     with torch.no_grad():
         expected = model(x)
-    convert_for_inference(model)
+    convert_for_inference(model, exact=True)
     assert type(model[1]).__name__ == "DeployedConv2dSame" and isinstance(model[1], Conv2dSame)
     assert isinstance(model[2], StdConv2d) and isinstance(model[3], ScaledStdConv2dSame)
     with torch.no_grad():
@@ -131,6 +141,7 @@ def test_round_trip_fake_quant_deploy_save_load(tmp_path):
         deployed = timm.create_model(f"local-dir:{tmp_path / folder}", deploy=True)
         fake_quant = timm.create_model(f"local-dir:{tmp_path / folder}").eval()
         assert is_deployed(deployed) and not is_deployed(fake_quant)
+        set_exact(deployed)
         with torch.no_grad():
             assert torch.equal(deployed(x), expected)
             assert torch.equal(fake_quant(x), expected)
@@ -150,7 +161,7 @@ def test_timm_deploy_keyword_needs_a_quantized_checkpoint(tmp_path):
 def test_resident_weight_memory_is_close_to_the_information_limit():
     model, x = trained_resnet(ADQConfig(weight_bits=2, activation_bits=2), steps=0)
     before = memory_report(model)
-    convert_for_inference(model)
+    convert_for_inference(model, exact=True)
     after = memory_report(model)
     limit = after["information_limit_bytes"]
     assert limit == before["information_limit_bytes"]
@@ -293,7 +304,7 @@ def test_minilm_deploy_save_and_onnx(minilm, tmp_path):
     with torch.no_grad():
         expected = model(**batch).last_hidden_state
     model.save_pretrained(tmp_path / "fake_quant")
-    assert adq_hf.convert_for_inference(model) is model and is_deployed(model)
+    assert adq_hf.convert_for_inference(model, exact=True) is model and is_deployed(model)
     with torch.no_grad():
         assert torch.equal(model(**batch).last_hidden_state, expected)
     report = memory_report(model)
@@ -301,7 +312,7 @@ def test_minilm_deploy_save_and_onnx(minilm, tmp_path):
     assert report["quantized_weight_bytes"] < 0.13 * report["fp32_weight_bytes"]
     model.save_pretrained(tmp_path / "deployed")  # transformers' own save, through the HfQuantizer
     assert_same_checkpoint(tmp_path / "deployed", tmp_path / "fake_quant")
-    reloaded = adq_hf.convert_for_inference(AutoModel.from_pretrained(tmp_path / "deployed"))
+    reloaded = adq_hf.convert_for_inference(AutoModel.from_pretrained(tmp_path / "deployed"), exact=True)
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).last_hidden_state, expected)
     with pytest.raises(RuntimeError, match="fake-quant model"):
