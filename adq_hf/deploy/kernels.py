@@ -82,6 +82,7 @@ def _compile(cxx: str, path: Path) -> None:
 def _bind(lib) -> None:
     i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.adq_lut_simd.argtypes, lib.adq_lut_simd.restype = [], c_int
+    lib.adq_lut_linear_vectorized.argtypes, lib.adq_lut_linear_vectorized.restype = [c_int, i64, i64], c_int
     lib.adq_lut_decode.argtypes = [ptr, i64, c_int, ptr, i64, i64, i64, i64, i64, i64, ptr]
     lib.adq_lut_linear.argtypes = [ptr, i64, ptr, i64, c_int, ptr, i64, i64, i64, i64, ptr, ptr]
     lib.adq_count_thresholds.argtypes = [ptr, i64, ptr, c_int, c_float, c_float, ptr]
@@ -160,6 +161,12 @@ def table_layout(table: torch.Tensor, rows: int, cols: int) -> Optional[Tuple[in
         per_row = groups // rows
         return per_row * levels, cols // per_row
     return None
+
+
+def vectorized(bits: int, cols: int, group_size: int) -> bool:
+    """Whether :func:`lut_linear` runs the vector kernel (not its scalar loop) for this layout."""
+    lib = build_kernels()
+    return bool(lib is not None and lib.adq_lut_linear_vectorized(bits, cols, group_size))
 
 
 def _ptr(t: Optional[torch.Tensor]):

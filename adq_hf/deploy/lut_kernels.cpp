@@ -381,6 +381,19 @@ extern "C" {
 // 1 when the vector (AVX2) kernels were compiled in.
 int adq_lut_simd(void) { return ADQ_AVX2; }
 
+// 1 when adq_lut_linear runs its vector kernel for this width, row length and group size (otherwise a
+// scalar loop: correct, slower).
+int adq_lut_linear_vectorized(int bits, int64_t K, int64_t group_size) {
+#if ADQ_AVX2
+  if (bits < 1 || bits > 8 || K <= 0 || group_size <= 0) return 0;
+  const Weight w{nullptr, 0, bits, nullptr, 0, group_size, 1, K};
+  return vector_ok(w, kernel_for(bits).codes) ? 1 : 0;
+#else
+  (void)bits, (void)K, (void)group_size;
+  return 0;
+#endif
+}
+
 // Rows [n0, n1) of the float weight into out ([n1 - n0, K], row-major). 0 on success.
 int adq_lut_decode(const uint8_t* packed, int64_t nbytes, int bits, const float* table, int64_t row_stride,
                    int64_t group_size, int64_t N, int64_t K, int64_t n0, int64_t n1, float* out) {
