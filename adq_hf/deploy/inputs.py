@@ -54,7 +54,8 @@ COMPARE_MAX_THRESHOLDS = 15
 def _n2uq_form(layer, x: torch.Tensor) -> torch.Tensor:
     thresholds = layer._buffers["input_thresholds"]
     if not (layer.__dict__.get("_exporting") or torch.compiler.is_compiling()):  # one C++ loop, the same bits
-        out = kernels.count_thresholds(x, thresholds, layer.__dict__["_input_zero_point"], layer.input_quantizer.scale)
+        out = kernels.count_thresholds(x, thresholds, layer.__dict__["_input_zero_point"],
+                                       layer._modules["input_quantizer"]._parameters["scale"])
         if out is not None:
             return out
     if thresholds.numel() <= COMPARE_MAX_THRESHOLDS:

@@ -85,7 +85,7 @@ def _bind(lib) -> None:
     lib.adq_lut_linear_vectorized.argtypes, lib.adq_lut_linear_vectorized.restype = [c_int, i64, i64], c_int
     lib.adq_lut_decode.argtypes = [ptr, i64, c_int, ptr, i64, i64, i64, i64, i64, i64, ptr]
     lib.adq_lut_linear.argtypes = [ptr, i64, ptr, i64, c_int, ptr, i64, i64, i64, i64, ptr, ptr]
-    lib.adq_count_thresholds.argtypes = [ptr, i64, ptr, c_int, c_float, c_float, ptr]
+    lib.adq_count_thresholds.argtypes = [ptr, i64, ptr, c_int, c_float, ptr, ptr]
     for fn in (lib.adq_lut_decode, lib.adq_lut_linear, lib.adq_count_thresholds):
         fn.restype = c_int
 
@@ -95,6 +95,8 @@ def build_kernels(retry: bool = False):
     Tried once per process; ``retry=True`` tries again (after ``ADQ_HF_KERNELS``, ``CXX`` or the cache
     folder changed)."""
     global _lib
+    if _state["tried"] and not retry:
+        return _lib
     with _lock:
         if _state["tried"] and not retry:
             return _lib
@@ -169,52 +171,81 @@ def vectorized(bits: int, cols: int, group_size: int) -> bool:
     return bool(lib is not None and lib.adq_lut_linear_vectorized(bits, cols, group_size))
 
 
-def _ptr(t: Optional[torch.Tensor]):
-    return None if t is None else t.data_ptr()
+def _usable(*tensors: Optional[torch.Tensor]) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
 
 
-def _usable(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+class LutPlan:
+    """One weight's arguments for the kernels, worked out once: the table (contiguous float32, kept
+    alive here), its layout, the pointers. Deployed layers keep theirs while its sources are unchanged
+    (``DeployedLayerMixin.lut_plan``)."""
+
+    __slots__ = ("lib", "packed", "table", "bias", "bits", "rows", "cols", "row_stride", "group_size", "args",
+                 "sources")
+
+    def __init__(self, lib, packed, table, bits, rows, cols, bias, layout, sources=()):
+        self.lib, self.packed, self.table, self.bias = lib, packed, table, bias
+        self.bits, self.rows, self.cols = bits, rows, cols
+        self.row_stride, self.group_size = layout
+        self.args = (packed.data_ptr(), packed.numel(), bits, table.data_ptr(), *layout, rows, cols)
+        self.sources = sources
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + bias`` for ``x`` ``[..., cols]`` float32 (the fused kernel)."""
+        x2 = x.reshape(-1, self.cols).contiguous()
+        out = torch.empty(x2.shape[0], self.rows, dtype=torch.float32)
+        packed, nbytes, bits, table, row_stride, group_size, rows, cols = self.args
+        if self.lib.adq_lut_linear(x2.data_ptr(), x2.shape[0], packed, nbytes, bits, table, row_stride, group_size,
+                                   rows, cols, None if self.bias is None else self.bias.data_ptr(), out.data_ptr()):
+            raise RuntimeError("adq_lut_linear rejected its arguments")  # checked when the plan was made
+        return out.reshape(*x.shape[:-1], self.rows)
+
+    def decode(self) -> torch.Tensor:
+        """The ``[rows, cols]`` float32 weight, exact."""
+        out = torch.empty(self.rows, self.cols, dtype=torch.float32)
+        if self.lib.adq_lut_decode(*self.args, 0, self.rows, out.data_ptr()):
+            raise RuntimeError("adq_lut_decode rejected its arguments")
+        return out
+
+
+def make_plan(packed: torch.Tensor, table: torch.Tensor, bits: int, rows: int, cols: int,
+              bias: Optional[torch.Tensor] = None, sources=()) -> Optional[LutPlan]:
+    """A :class:`LutPlan`, or ``None`` when the kernels cannot run this weight (no build, a table that is
+    not float32 on the CPU, a layout they do not read, codes that do not fill the shape)."""
+    lib = build_kernels()
+    if (lib is None or not _usable(table, bias) or packed.device.type != "cpu" or packed.dtype != torch.uint8
+            or not packed.is_contiguous() or packed.numel() * 8 < rows * cols * bits or not 1 <= bits <= 8):
+        return None
+    layout = table_layout(table, rows, cols)
+    if layout is None or table.shape[-1] != 2**bits:
+        return None
+    return LutPlan(lib, packed, table.contiguous(), bits, rows, cols, None if bias is None else bias.contiguous(),
+                   layout, sources)
 
 
 def decode(packed: torch.Tensor, table: torch.Tensor, bits: int, rows: int, cols: int) -> Optional[torch.Tensor]:
     """The ``[rows, cols]`` float weight, or ``None`` when the kernels cannot do it (no build, layout)."""
-    lib = build_kernels()
-    layout = table_layout(table, rows, cols) if lib is not None and _usable(table) else None
-    if layout is None or packed.device.type != "cpu":
-        return None
-    table = table.contiguous()
-    out = torch.empty(rows, cols, dtype=torch.float32)
-    rc = lib.adq_lut_decode(packed.data_ptr(), packed.numel(), bits, table.data_ptr(), layout[0], layout[1],
-                            rows, cols, 0, rows, out.data_ptr())
-    return out if rc == 0 else None
+    plan = make_plan(packed, table, bits, rows, cols)
+    return None if plan is None else plan.decode()
 
 
 def lut_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, bits: int, rows: int, cols: int,
                bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """``x @ W^T + bias`` from the codes (``x``: ``[..., cols]``), or ``None`` when the kernels cannot."""
-    lib = build_kernels()
-    if lib is None or not _usable(x, table) or (bias is not None and not _usable(bias)) or packed.device.type != "cpu":
-        return None
-    layout = table_layout(table, rows, cols)
-    if layout is None:
-        return None
-    x2 = x.reshape(-1, cols).contiguous()
-    table = table.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    out = torch.empty(x2.shape[0], rows, dtype=torch.float32)
-    rc = lib.adq_lut_linear(x2.data_ptr(), x2.shape[0], packed.data_ptr(), packed.numel(), bits, table.data_ptr(),
-                            layout[0], layout[1], rows, cols, _ptr(bias), out.data_ptr())
-    return out.reshape(*x.shape[:-1], rows) if rc == 0 else None
+    plan = make_plan(packed, table, bits, rows, cols, bias) if _usable(x) else None
+    return None if plan is None else plan.linear(x)
 
 
-def count_thresholds(x: torch.Tensor, thresholds: torch.Tensor, zero_point: float, scale: float) -> Optional[torch.Tensor]:
-    """``scale * (zero_point + #{t <= x})`` elementwise (N2UQ's deploy form), or ``None``."""
-    lib = build_kernels()
-    if lib is None or not _usable(x, thresholds):
+def count_thresholds(x: torch.Tensor, thresholds: torch.Tensor, zero_point: float,
+                     scale: torch.Tensor) -> Optional[torch.Tensor]:
+    """``scale * (zero_point + #{t <= x})`` elementwise (N2UQ's deploy form; ``scale``: a one-element
+    float32 tensor, read in place), or ``None`` when the kernels cannot."""
+    lib = _lib if _state["tried"] else build_kernels()
+    if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or not _usable(thresholds, scale)
+            or scale.numel() != 1):
         return None
     xc, t = x.contiguous(), thresholds.contiguous()
     out = torch.empty_like(xc)
-    lib.adq_count_thresholds(xc.data_ptr(), xc.numel(), t.data_ptr(), t.numel(), float(zero_point), float(scale),
-                             out.data_ptr())
+    lib.adq_count_thresholds(xc.data_ptr(), xc.numel(), t.data_ptr(), t.numel(), float(zero_point),
+                             scale.contiguous().data_ptr(), out.data_ptr())
     return out

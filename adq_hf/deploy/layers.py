@@ -78,34 +78,50 @@ class DeployedLayerMixin(QuantizedLayerMixin):
         """The look-up table ``[groups, 2**bits]`` in the float weight's dtype."""
         return self.weight_quantizer.levels().to(self.weight_dtype)
 
+    def lut_plan(self) -> Optional[kernels.LutPlan]:
+        """The kernels' arguments for this layer (``None``: the kernels cannot run it), kept while the
+        codes, the bias and the weight quantizer's tensors are the same objects, unmodified in place."""
+        quantizer = self.weight_quantizer
+        sources = (self._buffers["weight"], self.bias, *quantizer._parameters.values(), *quantizer._buffers.values())
+        cached = self.__dict__.get("_lut_plan")
+        if cached is not None and len(cached[0]) == len(sources) and all(
+                a is b and (a is None or a._version == v) for (a, v), b in zip(cached[0], sources)):
+            return cached[1]
+        rows = self.weight_shape[0]
+        plan = kernels.make_plan(self._buffers["weight"], self.table(), self.weight_bits, rows, self.weight_numel // rows,
+                                 self.bias)
+        self.__dict__["_lut_plan"] = (tuple((t, None if t is None else t._version) for t in sources), plan)
+        return plan
+
     def decode_weight(self) -> torch.Tensor:
-        packed, table = self._buffers["weight"], self.table()
         if self.__dict__.get("_exporting"):  # one operator, which export_onnx translates (_onnx_lut_decode)
-            return lut_decode_op(packed, table, self.weight_bits, list(self.weight_shape))
+            return lut_decode_op(self._buffers["weight"], self.table(), self.weight_bits, list(self.weight_shape))
         if not torch.compiler.is_compiling():  # compiled: inductor fuses the PyTorch form into the layer
-            rows = self.weight_shape[0]
-            weight = kernels.decode(packed, table, self.weight_bits, rows, self.weight_numel // rows)
-            if weight is not None:
-                return weight.view(self.weight_shape)
-        return lut_decode(packed, table, self.weight_bits, self.weight_shape)
+            plan = self.lut_plan()
+            if plan is not None:
+                return plan.decode().view(self.weight_shape)
+        return lut_decode(self._buffers["weight"], self.table(), self.weight_bits, self.weight_shape)
 
     def fused_linear(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``x @ W^T + bias`` by the fused look-up-table kernel (``x``: ``[..., in]``, W never
         materialised), or ``None`` where it does not apply or does not pay: no kernel build, the
         layer set to ``exact``, a cached weight, export or compile, more rows than
         ``kernels.FUSED_MAX_ROWS``. Equal to ``F.linear`` up to float reassociation (docs/deploy.md)."""
-        if (self.__dict__.get("_exact") or self.__dict__.get("_exporting") or torch.compiler.is_compiling()
-                or self._buffers.get("decoded_weight") is not None or x.dim() == 0):
+        d = self.__dict__
+        if (d.get("_exact") or d.get("_exporting") or self._buffers.get("decoded_weight") is not None
+                or x.dtype != torch.float32 or x.dim() == 0 or torch.compiler.is_compiling()):
             return None
         cols = x.shape[-1]
-        rows = self.weight_shape[0]
-        if cols * rows != self.weight_numel or not kernels.fused_pays(self.weight_bits, x.numel() // max(cols, 1)):
+        if not kernels.fused_pays(self.weight_bits, x.numel() // max(cols, 1)):
             return None
-        return kernels.lut_linear(x, self._buffers["weight"], self.table(), self.weight_bits, rows, cols, self.bias)
+        plan = self.lut_plan()
+        if plan is None or plan.cols != cols:
+            return None
+        return plan.linear(x)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input quantizer's eval-mode output, through its deploy form (:func:`input_form`)."""
-        quantizer = self.input_quantizer
+        quantizer = self._modules.get("input_quantizer")
         if quantizer is None:
             return x
         form = self.__dict__.get("_input_form")
@@ -181,8 +197,7 @@ class DeployedConv2d(DeployedLayerMixin, nn.Conv2d):
     def _fused_conv(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """im2col + the fused kernel, when the output has few positions (``N * H_out * W_out`` rows of
         the matmul: the same rule as Linear's); otherwise ``None`` (decode + the conv)."""
-        if (self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str) or x.dim() != 4
-                or self.__dict__.get("_exact")):
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str) or x.dim() != 4:
             return None
         kh, kw = self.kernel_size
         ho = (x.shape[2] + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1

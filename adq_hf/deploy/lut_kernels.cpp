@@ -458,21 +458,39 @@ int adq_lut_linear(const float* x, int64_t M, const uint8_t* packed, int64_t nby
   return 0;
 }
 
-// out[i] = scale * (count_i + zero_point), count_i = #{j : thresholds[j] <= x[i]} (thresholds sorted):
+// out[i] = *scale * (count_i + zero_point), count_i = #{j : thresholds[j] <= x[i]} (thresholds sorted):
 // the same float operations as the PyTorch form (an exact integer count, one add, one multiply), so the
 // same bits. Up to 15 thresholds they are compared one by one (NaN counts none, as there); beyond, a
 // binary search (NaN counts all, as torch.searchsorted).
-int adq_count_thresholds(const float* x, int64_t n, const float* thresholds, int T, float zero_point, float scale,
-                         float* out) {
+int adq_count_thresholds(const float* x, int64_t n, const float* thresholds, int T, float zero_point,
+                         const float* scale_ptr, float* out) {
+  constexpr int64_t CHUNK = 4096;
+  const float scale = *scale_ptr;
 #pragma omp parallel for schedule(static) if (parallel_worth(n * T))
-  for (int64_t i = 0; i < n; ++i) {
-    int count = 0;
-    if (T <= 15) {
-      for (int j = 0; j < T; ++j) count += thresholds[j] <= x[i];
-    } else {
-      count = static_cast<int>(std::upper_bound(thresholds, thresholds + T, x[i]) - thresholds);
+  for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+    const int64_t i1 = std::min(n, i0 + CHUNK);
+    int64_t i = i0;
+#if ADQ_AVX2
+    if (T <= 15) {  // 8 inputs at a time: the count as a float, 1.0 per threshold passed (exact)
+      const __m256 one = _mm256_set1_ps(1.0f), zp = _mm256_set1_ps(zero_point), sc = _mm256_set1_ps(scale);
+      for (; i + 8 <= i1; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        __m256 count = _mm256_setzero_ps();
+        for (int j = 0; j < T; ++j)  // ordered >=: NaN passes none
+          count = _mm256_add_ps(count, _mm256_and_ps(_mm256_cmp_ps(v, _mm256_set1_ps(thresholds[j]), _CMP_GE_OQ), one));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(sc, _mm256_add_ps(count, zp)));
+      }
     }
-    out[i] = scale * (static_cast<float>(count) + zero_point);
+#endif
+    for (; i < i1; ++i) {
+      int count = 0;
+      if (T <= 15) {
+        for (int j = 0; j < T; ++j) count += thresholds[j] <= x[i];
+      } else {
+        count = static_cast<int>(std::upper_bound(thresholds, thresholds + T, x[i]) - thresholds);
+      }
+      out[i] = scale * (static_cast<float>(count) + zero_point);
+    }
   }
   return 0;
 }
