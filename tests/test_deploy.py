@@ -337,3 +337,29 @@ def test_b3_quick_tier_writes_well_formed_results(tmp_path):
             assert all(v > 0 for v in row["latency_ms"][batch].values())
         assert all(v > 0 for v in row["load_ms"].values())
     assert (tmp_path / "deploy_quick.md").read_text().startswith("B3 deployment, tier quick")
+
+
+@pytest.mark.parametrize("bits", [5, 8])
+def test_n2uq_onnx_two_level_count_equals_the_quantizer(bits):
+    """Beyond 15 thresholds the exported form finds the group of 16 thresholds holding x, then counts
+    within it: the same values as the quantizer, at every threshold and its neighbouring floats."""
+    from types import SimpleNamespace
+
+    from adq_hf.deploy.inputs import _n2uq_onnx_form
+    from adq_hf.quantizers import N2UQActivationQuantizer
+
+    torch.manual_seed(bits)
+    for signed in (False, True):
+        quantizer = N2UQActivationQuantizer(bits)
+        sample = torch.randn(3000) * 2
+        quantizer.init_from(sample if signed else sample.relu())
+        with torch.no_grad():
+            quantizer.raw_intervals.mul_(torch.empty(2**bits - 1).uniform_(0.1, 4))
+        t = n2uq_thresholds(quantizer)
+        layer = SimpleNamespace(_buffers={"input_thresholds": t}, input_quantizer=quantizer)
+        layer.__dict__["_input_zero_point"] = quantizer.zero_point
+        down, up = torch.full_like(t, -math.inf), torch.full_like(t, math.inf)
+        x = torch.cat([t, torch.nextafter(t, down), torch.nextafter(t, up), sample, torch.tensor([-1e30, 1e30])])
+        x = x[: len(x) // 7 * 7].reshape(-1, 7)  # any shape: the count works elementwise
+        with torch.no_grad():
+            assert torch.equal(_n2uq_onnx_form(layer, x), quantizer(x))
