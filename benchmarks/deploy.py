@@ -380,6 +380,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers of the decode workload's model "
                         "(default: the tier's; 24 in the standard tier)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per decode measurement "
+                        "(default: the tier's; 64 in the standard tier)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
     import onnxruntime
@@ -390,7 +392,8 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="adq_hf-deploy-bench-") as work:
             rows = [measure(name, tier, args.threads, work) for name in args.models if name != "decode"]
-        decode = measure_decode(tier["decode"], args.layers) if "decode" in args.models else None
+        settings = dict(tier["decode"], **({"new_tokens": args.new_tokens} if args.new_tokens else {}))
+        decode = measure_decode(settings, args.layers) if "decode" in args.models else None
     finally:
         torch.set_num_threads(threads)
     from adq_hf.deploy import kernel_info

@@ -325,10 +325,15 @@ def test_b3_quick_tier_writes_well_formed_results(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import deploy as bench
 
-    assert bench.main(["--tier", "quick", "--models", "resnet20-w2a2", "minilm-w4", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--tier", "quick", "--models", "resnet20-w2a2", "minilm-w4", "decode", "--out",
+                       str(tmp_path)]) == 0
     result = json.load(open(tmp_path / "deploy_quick.json"))
     assert [r["model"] for r in result["rows"]] == ["resnet20-w2a2", "minilm-w4"]
-    assert {"machine", "commit", "time", "command"} <= set(result)
+    assert {"machine", "commit", "time", "command", "kernels"} <= set(result)
+    decode = result["decode"]  # the decode workload at tiny shapes: every variant in the same run
+    assert set(decode["tokens_per_s"]) == {"fp32", "bf16", "adq-w4", "adq-w3", "adq-w4-exact", "hqq-w4-g64"}
+    assert all(v > 0 for v in decode["tokens_per_s"].values()) and decode["ratio_to_fp32"]["fp32"] == 1.0
+    assert decode["resident_bytes"]["adq-w4"] < decode["resident_bytes"]["fp32"]
     for row in result["rows"]:
         assert row["deploy_equals_fake_quant"]
         assert row["checkpoint"]["packed_bytes"] < row["checkpoint"]["fp32_bytes"]
@@ -336,7 +341,8 @@ def test_b3_quick_tier_writes_well_formed_results(tmp_path):
             assert {"fp", "deploy", "deploy-cache", "ort-fp", "ort-deploy"} <= set(row["latency_ms"][batch])
             assert all(v > 0 for v in row["latency_ms"][batch].values())
         assert all(v > 0 for v in row["load_ms"].values())
-    assert (tmp_path / "deploy_quick.md").read_text().startswith("B3 deployment, tier quick")
+    text = (tmp_path / "deploy_quick.md").read_text()
+    assert text.startswith("B3 deployment, tier quick") and "| adq-w4 |" in text
 
 
 @pytest.mark.parametrize("bits", [5, 8])

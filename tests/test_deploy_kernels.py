@@ -285,3 +285,17 @@ def test_a_failed_build_warns_and_falls_back(rebuild_after, tmp_path):
     model, x, expected = _tiny_deployed()
     with torch.no_grad():
         assert torch.equal(model(x), expected)
+
+
+def test_deployed_models_copy_and_pickle_after_running_the_kernels(tmp_path):
+    """The kernels' per-layer plan (pointers, the loaded library) is derived state: copies and pickles
+    leave it out and build their own (deepcopy used to fail on it)."""
+    model, x, _ = _tiny_deployed()
+    with torch.no_grad():
+        expected = model(x)  # builds the plans
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(x), expected)
+    assert twin[0].lut_plan() is not None and twin[0].lut_plan() is not model[0].lut_plan()
+    torch.save(model, tmp_path / "model.pt")
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=False)(x), expected)

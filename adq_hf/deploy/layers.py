@@ -78,6 +78,11 @@ class DeployedLayerMixin(QuantizedLayerMixin):
         """The look-up table ``[groups, 2**bits]`` in the float weight's dtype."""
         return self.weight_quantizer.levels().to(self.weight_dtype)
 
+    def __getstate__(self):
+        # copies and pickles rebuild the kernels' plan (it holds pointers and the loaded library)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_lut_plan"}
+
     def lut_plan(self) -> Optional[kernels.LutPlan]:
         """The kernels' arguments for this layer (``None``: the kernels cannot run it), kept while the
         codes, the bias and the weight quantizer's tensors are the same objects, unmodified in place."""
