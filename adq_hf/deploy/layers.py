@@ -114,7 +114,7 @@ class DeployedLayerMixin(QuantizedLayerMixin):
         ``kernels.FUSED_MAX_ROWS``. Equal to ``F.linear`` up to float reassociation (docs/deploy.md)."""
         d = self.__dict__
         if (d.get("_exact") or d.get("_exporting") or self._buffers.get("decoded_weight") is not None
-                or x.dtype != torch.float32 or x.dim() == 0 or torch.compiler.is_compiling()):
+                or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0 or torch.compiler.is_compiling()):
             return None
         cols = x.shape[-1]
         if not kernels.fused_pays(self.weight_bits, x.numel() // max(cols, 1)):
@@ -202,7 +202,8 @@ class DeployedConv2d(DeployedLayerMixin, nn.Conv2d):
     def _fused_conv(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """im2col + the fused kernel, when the output has few positions (``N * H_out * W_out`` rows of
         the matmul: the same rule as Linear's); otherwise ``None`` (decode + the conv)."""
-        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str) or x.dim() != 4:
+        if (self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str) or x.dim() != 4
+                or self.__dict__.get("_exact") or torch.compiler.is_compiling()):
             return None
         kh, kw = self.kernel_size
         ho = (x.shape[2] + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
