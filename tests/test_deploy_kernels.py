@@ -232,13 +232,13 @@ def test_default_deploy_uses_the_fused_kernel_on_minilm_at_one_short_sequence():
         expected = model(**batch).last_hidden_state
     convert_for_inference(model)
     calls = []
-    lut_linear = kernels.lut_linear
-    kernels.lut_linear = lambda *a, **k: calls.append(1) or lut_linear(*a, **k)
+    linear = kernels.LutPlan.linear
+    kernels.LutPlan.linear = lambda plan, x: calls.append(1) or linear(plan, x)
     try:
         with torch.no_grad():
             got = model(**batch).last_hidden_state
     finally:
-        kernels.lut_linear = lut_linear
+        kernels.LutPlan.linear = linear
     assert len(calls) == len(adq_hf.quantized_layers(model))
     assert float((got - expected).norm() / expected.norm()) < 1e-5
     set_exact(model)
