@@ -85,3 +85,23 @@ def sentence_embeddings(model, batches: List[dict]):
 
     with torch.no_grad():
         return torch.nn.functional.normalize(torch.cat([mean_pooled(model, b) for b in batches]), dim=-1)
+
+
+# Qwen2.5-0.5B's shapes (B3's decode workload; B6 builds the same model)
+QWEN25_05B_SHAPES = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                     "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+                     "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}
+
+
+def qwen_shaped_lm(layers=None, seed: int = 0, **overrides):
+    """A causal LM with Qwen2.5-0.5B's shapes (``layers``: fewer decoder layers for a scaled-down
+    model; ``overrides``: other config fields, e.g. tiny shapes for a quick tier) and random weights
+    (transformers' own initialisation, seeded), in eval mode."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    fields = dict(QWEN25_05B_SHAPES, **overrides)
+    if layers:
+        fields["num_hidden_layers"] = layers
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**fields)).eval()

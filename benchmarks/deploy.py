@@ -2,7 +2,8 @@
 """B3: deployment -- packed checkpoint and resident weight memory against the information limit and
 fp32, inference latency of deploy mode against the FP model (PyTorch and onnxruntime), load time.
 
-    python benchmarks/deploy.py --tier standard [--models resnet20-w2a2 resnet20-w4a4 minilm-w4] [--threads 1]
+    python benchmarks/deploy.py --tier standard [--models resnet20-w2a2 resnet20-w4a4 minilm-w4 decode] [--threads 1]
+                                [--layers N]
 
 Models: ResNet-20 on Fashion-MNIST shapes (``timm.create_model("resnet20_cifar", num_classes=10,
 in_chans=1)``, inputs [N, 1, 28, 28], ADQ W2A2 and W4A4 with N2UQ activations, first conv and
@@ -14,7 +15,20 @@ model), ``fake-quant`` (eval mode), ``deploy`` (default: decode at every call), 
 (every decoded weight cached), ``deploy-compile`` (torch.compile, standard tier), ``ort-fp``,
 ``ort-deploy`` (the LUT-form ONNX; onnxruntime folds the decode into float weights when it loads
 the file) and ``ort-deploy-lut`` (the same file with onnxruntime's constant folding off: the table
-look-up runs at every call). Results: benchmarks/results/deploy_<tier>.{json,md}.
+look-up runs at every call).
+
+``decode``: a causal LM with Qwen2.5-0.5B's shapes (``benchmarks/common.py``: hidden 896, intermediate
+4864, 24 layers, 14 heads, 2 KV heads, vocabulary 151,936, tied embeddings, random weights; ``--layers
+N`` for a scaled-down model; the quick tier uses tiny shapes), one sequence, a 16-token prompt, then 64
+new tokens one at a time with the KV cache (greedy): decode tokens/s (prefill not counted) of ``fp32``,
+``bf16`` (the same weights cast), ``adq-w4`` and ``adq-w3`` (ADQ per-channel codebooks on every decoder
+Linear, weights only, deploy mode: the fused look-up-table kernel), ``adq-w4-exact`` (the same model with
+``exact=True``: decoded weights and ``F.linear``) and ``hqq-w4-g64`` (hqq's ``HQQLinear``, 4 bits, groups
+of 64, compute fp32, on the same Linear layers). The tied embedding / LM head stays float in every
+variant but ``bf16`` (adq_hf does not quantize tied weights; HQQ gets the same layers), shared between
+the variants. Variants take turns, one whole generation each, ``rounds`` times; medians.
+
+Results: benchmarks/results/deploy_<tier>.{json,md}.
 """
 
 from __future__ import annotations
@@ -30,12 +44,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, run_record, write_results  # noqa: E402
+from common import ROOT, qwen_shaped_lm, run_record, write_results  # noqa: E402
 
-MODELS = ("resnet20-w2a2", "resnet20-w4a4", "minilm-w4")
+MODELS = ("resnet20-w2a2", "resnet20-w4a4", "minilm-w4", "decode")
+TINY_LM = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "vocab_size": 512}
 TIERS = {
-    "quick": {"rounds": 3, "batches": [1, 64], "loads": 2, "compile": False, "seq_len": 32},
-    "standard": {"rounds": 25, "batches": [1, 64], "loads": 7, "compile": True, "seq_len": 32},
+    "quick": {"rounds": 3, "batches": [1, 64], "loads": 2, "compile": False, "seq_len": 32,
+              "decode": {"rounds": 2, "prompt": 16, "new_tokens": 8, "layers": 2, "shapes": TINY_LM}},
+    "standard": {"rounds": 25, "batches": [1, 64], "loads": 7, "compile": True, "seq_len": 32,
+                 "decode": {"rounds": 3, "prompt": 16, "new_tokens": 64, "layers": 24, "shapes": {}}},
 }
 FALLBACK_SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Quantized models are small and fast."]
 
@@ -219,12 +237,114 @@ def measure(name: str, tier: dict, threads: int, work: str) -> dict:
     return row
 
 
+def _hqq(module, bits: int = 4, group_size: int = 64):
+    """Every Linear of ``module`` as hqq's HQQLinear (compute fp32, CPU), in place."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    config = BaseQuantizeConfig(nbits=bits, group_size=group_size)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, HQQLinear(child, config, compute_dtype=torch.float32, device="cpu"))
+    return module
+
+
+def _adq_deploy(bits: int):
+    import adq_hf
+    from adq_hf import ADQConfig
+
+    config = ADQConfig(weight_bits=bits, activation_bits=None, granularity="per_channel")
+    return lambda layer: adq_hf.convert_for_inference(adq_hf.quantize_model(layer, config))
+
+
+def _with_quantized_layers(fp, quantize_layer):
+    """A copy of ``fp`` sharing every float tensor but its decoder layers, each copied and quantized in
+    turn (one float layer copy at a time in memory)."""
+    model = copy.deepcopy(fp, memo={id(p): p for p in fp.parameters()})
+    for i, layer in enumerate(fp.model.layers):
+        model.model.layers[i] = quantize_layer(copy.deepcopy(layer))
+    return model
+
+
+def decode_variants(settings: dict, layers=None) -> dict:
+    """The decode workload's models; the tied embedding / LM head tensor is shared by all but bf16."""
+    import adq_hf
+
+    fp = qwen_shaped_lm(layers or settings["layers"], **settings["shapes"])
+    # cast parameter by parameter: no second fp32 copy of the model at any time
+    bf16 = copy.deepcopy(fp, memo={id(p): torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+                                   for p in fp.parameters()}).to(torch.bfloat16)
+    variants = {"fp32": fp, "bf16": bf16}
+    for bits in (4, 3):
+        variants[f"adq-w{bits}"] = _with_quantized_layers(fp, _adq_deploy(bits))
+    variants["adq-w4-exact"] = exact = copy.deepcopy(variants["adq-w4"], memo={id(p): p for p in fp.parameters()})
+    adq_hf.deploy.set_exact(exact)
+    variants["hqq-w4-g64"] = _with_quantized_layers(fp, _hqq)
+    return variants
+
+
+def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Greedy decoding with the KV cache: tokens/s of the ``new_tokens`` single-token steps."""
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        return new_tokens / (time.perf_counter() - start)
+
+
+def measure_decode(settings: dict, layers=None) -> dict:
+    from adq_hf.deploy import resident_bytes
+
+    start = time.perf_counter()
+    variants = decode_variants(settings, layers)
+    build_s = time.perf_counter() - start
+    config = variants["fp32"].config
+    prompt = torch.randint(0, config.vocab_size, (1, settings["prompt"]), generator=torch.Generator().manual_seed(0))
+    speeds = {name: [] for name in variants}
+    for name, model in variants.items():  # warm-up (and the kernels' first call)
+        decode_tokens_per_s(model, prompt, 2)
+    for _ in range(settings["rounds"]):
+        for name, model in variants.items():
+            speeds[name].append(decode_tokens_per_s(model, prompt, settings["new_tokens"]))
+    median = {name: statistics.median(v) for name, v in speeds.items()}
+    return {"layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size,
+            "prompt": settings["prompt"], "new_tokens": settings["new_tokens"], "rounds": settings["rounds"],
+            "build_s": build_s, "tokens_per_s": median, "tokens_per_s_all": speeds,
+            "ratio_to_fp32": {name: v / median["fp32"] for name, v in median.items()},
+            "ratio_to_bf16": {name: v / median["bf16"] for name, v in median.items()},
+            "resident_bytes": {name: resident_bytes(model) for name, model in variants.items()}}
+
+
 def markdown(result: dict) -> list:
-    mb = 1e6
     lines = [f"B3 deployment, tier {result['tier']}, {result['machine']['cpus']} CPUs, {result['threads']} thread(s), "
              f"torch {result['machine']['torch']}, onnxruntime {result['onnxruntime']}, commit {result['commit']}, "
-             f"{result['time']}", "",
-             "| model | packed checkpoint (MB) | fp32 checkpoint (MB) | quantized layers in checkpoint / information limit | "
+             f"{result['time']}", ""]
+    if result.get("decode"):
+        lines += decode_markdown(result["decode"]) + [""]
+    if result["rows"]:
+        lines += rows_markdown(result)
+    return lines
+
+
+def decode_markdown(d: dict) -> list:
+    lines = [f"Decode: Qwen2.5-0.5B shapes with {d['layers']} layers (hidden {d['hidden_size']}, intermediate "
+             f"{d['intermediate_size']}, vocabulary {d['vocab_size']}, random weights), 1 sequence, {d['prompt']}-token "
+             f"prompt, {d['new_tokens']} new tokens with the KV cache; median of {d['rounds']} generations per variant, "
+             "taking turns:", "",
+             "| variant | tokens/s | / fp32 | / bf16 | resident MB |", "|---|---:|---:|---:|---:|"]
+    for name, speed in d["tokens_per_s"].items():
+        lines.append(f"| {name} | {speed:.2f} | {d['ratio_to_fp32'][name]:.2f}x | {d['ratio_to_bf16'][name]:.2f}x | "
+                     f"{d['resident_bytes'][name] / 1e6:.1f} |")
+    return lines
+
+
+def rows_markdown(result: dict) -> list:
+    mb = 1e6
+    lines = ["| model | packed checkpoint (MB) | fp32 checkpoint (MB) | quantized layers in checkpoint / information limit | "
              "deploy weight memory / information limit | deploy weights / fp32 weights | resident model: FP / fake-quant / deploy / deploy-cache (MB) | "
              "deploy == fake-quant | ONNX FP / deploy (MB) |",
              "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -258,6 +378,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tier", choices=sorted(TIERS), default="standard")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers of the decode workload's model "
+                        "(default: the tier's; 24 in the standard tier)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per decode measurement "
+                        "(default: the tier's; 64 in the standard tier)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
     import onnxruntime
@@ -267,11 +391,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         with tempfile.TemporaryDirectory(prefix="adq_hf-deploy-bench-") as work:
-            rows = [measure(name, tier, args.threads, work) for name in args.models]
+            rows = [measure(name, tier, args.threads, work) for name in args.models if name != "decode"]
+        settings = dict(tier["decode"], **({"new_tokens": args.new_tokens} if args.new_tokens else {}))
+        decode = measure_decode(settings, args.layers) if "decode" in args.models else None
     finally:
         torch.set_num_threads(threads)
+    from adq_hf.deploy import kernel_info
+
     result = {"benchmark": "B3 deployment", "tier": args.tier, "settings": tier, "threads": args.threads,
-              "onnxruntime": onnxruntime.__version__, "rows": rows, **run_record("deploy.py", argv)}
+              "onnxruntime": onnxruntime.__version__, "kernels": kernel_info(), "rows": rows, "decode": decode,
+              **run_record("deploy.py", argv)}
     write_results(args.out, f"deploy_{args.tier}", result, markdown(result))
     return 0
 

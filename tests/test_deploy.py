@@ -23,6 +23,7 @@ from adq_hf.deploy import (
     n2uq_thresholds,
     onnx_session,
     resident_bytes,
+    set_exact,
     set_weight_cache,
 )
 from adq_hf.packing import pack_codes, unpack_codes
@@ -80,7 +81,8 @@ def test_deploy_outputs_equal_fake_quant_eval_bit_for_bit(config):
     batch = torch.randn(16, *FMNIST)
     with torch.no_grad():
         expected, expected_batch = model(x), model(batch)
-    convert_for_inference(model)
+        expected_one = model(x[:1])
+    convert_for_inference(model, exact=True)
     layers = adq_hf.quantized_layers(model)
     assert layers and all(isinstance(m, DeployedLayerMixin) for _, m in layers)
     for _, layer in layers:  # packed codes only: no float weight parameter left
@@ -90,6 +92,14 @@ def test_deploy_outputs_equal_fake_quant_eval_bit_for_bit(config):
     with torch.no_grad():
         assert torch.equal(model(x), expected)
         assert torch.equal(model(batch), expected_batch)
+        assert torch.equal(model(x[:1]), expected_one)
+        # default: the classifier (the only Linear) at batch 1 runs the fused kernel: float reassociation
+        set_exact(model, False)
+        fused = isinstance(model.fc, DeployedLayerMixin)  # not with last_layer_bits=None
+        assert not fused or model.fc.fused_linear(torch.randn(1, model.fc.in_features)) is not None
+        got = model(x[:1])
+        assert torch.equal(model(batch), expected_batch)  # 16 rows: decoded weight, F.linear
+    assert (got - expected_one).abs().max() <= 1e-5 * expected_one.abs().max()
 
 
 def test_bit_map_and_average_bits_read_deployed_models():
@@ -111,7 +121,7 @@ def test_forward_overriding_timm_convs_deploy_exactly():
     model.eval()
     with torch.no_grad():
         expected = model(x)
-    convert_for_inference(model)
+    convert_for_inference(model, exact=True)
     assert type(model[1]).__name__ == "DeployedConv2dSame" and isinstance(model[1], Conv2dSame)
     assert isinstance(model[2], StdConv2d) and isinstance(model[3], ScaledStdConv2dSame)
     with torch.no_grad():
@@ -131,6 +141,7 @@ def test_round_trip_fake_quant_deploy_save_load(tmp_path):
         deployed = timm.create_model(f"local-dir:{tmp_path / folder}", deploy=True)
         fake_quant = timm.create_model(f"local-dir:{tmp_path / folder}").eval()
         assert is_deployed(deployed) and not is_deployed(fake_quant)
+        set_exact(deployed)
         with torch.no_grad():
             assert torch.equal(deployed(x), expected)
             assert torch.equal(fake_quant(x), expected)
@@ -150,7 +161,7 @@ def test_timm_deploy_keyword_needs_a_quantized_checkpoint(tmp_path):
 def test_resident_weight_memory_is_close_to_the_information_limit():
     model, x = trained_resnet(ADQConfig(weight_bits=2, activation_bits=2), steps=0)
     before = memory_report(model)
-    convert_for_inference(model)
+    convert_for_inference(model, exact=True)
     after = memory_report(model)
     limit = after["information_limit_bytes"]
     assert limit == before["information_limit_bytes"]
@@ -293,7 +304,7 @@ def test_minilm_deploy_save_and_onnx(minilm, tmp_path):
     with torch.no_grad():
         expected = model(**batch).last_hidden_state
     model.save_pretrained(tmp_path / "fake_quant")
-    assert adq_hf.convert_for_inference(model) is model and is_deployed(model)
+    assert adq_hf.convert_for_inference(model, exact=True) is model and is_deployed(model)
     with torch.no_grad():
         assert torch.equal(model(**batch).last_hidden_state, expected)
     report = memory_report(model)
@@ -301,7 +312,7 @@ def test_minilm_deploy_save_and_onnx(minilm, tmp_path):
     assert report["quantized_weight_bytes"] < 0.13 * report["fp32_weight_bytes"]
     model.save_pretrained(tmp_path / "deployed")  # transformers' own save, through the HfQuantizer
     assert_same_checkpoint(tmp_path / "deployed", tmp_path / "fake_quant")
-    reloaded = adq_hf.convert_for_inference(AutoModel.from_pretrained(tmp_path / "deployed"))
+    reloaded = adq_hf.convert_for_inference(AutoModel.from_pretrained(tmp_path / "deployed"), exact=True)
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).last_hidden_state, expected)
     with pytest.raises(RuntimeError, match="fake-quant model"):
@@ -314,10 +325,15 @@ def test_b3_quick_tier_writes_well_formed_results(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import deploy as bench
 
-    assert bench.main(["--tier", "quick", "--models", "resnet20-w2a2", "minilm-w4", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--tier", "quick", "--models", "resnet20-w2a2", "minilm-w4", "decode", "--out",
+                       str(tmp_path)]) == 0
     result = json.load(open(tmp_path / "deploy_quick.json"))
     assert [r["model"] for r in result["rows"]] == ["resnet20-w2a2", "minilm-w4"]
-    assert {"machine", "commit", "time", "command"} <= set(result)
+    assert {"machine", "commit", "time", "command", "kernels"} <= set(result)
+    decode = result["decode"]  # the decode workload at tiny shapes: every variant in the same run
+    assert set(decode["tokens_per_s"]) == {"fp32", "bf16", "adq-w4", "adq-w3", "adq-w4-exact", "hqq-w4-g64"}
+    assert all(v > 0 for v in decode["tokens_per_s"].values()) and decode["ratio_to_fp32"]["fp32"] == 1.0
+    assert decode["resident_bytes"]["adq-w4"] < decode["resident_bytes"]["fp32"]
     for row in result["rows"]:
         assert row["deploy_equals_fake_quant"]
         assert row["checkpoint"]["packed_bytes"] < row["checkpoint"]["fp32_bytes"]
@@ -325,4 +341,31 @@ def test_b3_quick_tier_writes_well_formed_results(tmp_path):
             assert {"fp", "deploy", "deploy-cache", "ort-fp", "ort-deploy"} <= set(row["latency_ms"][batch])
             assert all(v > 0 for v in row["latency_ms"][batch].values())
         assert all(v > 0 for v in row["load_ms"].values())
-    assert (tmp_path / "deploy_quick.md").read_text().startswith("B3 deployment, tier quick")
+    text = (tmp_path / "deploy_quick.md").read_text()
+    assert text.startswith("B3 deployment, tier quick") and "| adq-w4 |" in text
+
+
+@pytest.mark.parametrize("bits", [5, 8])
+def test_n2uq_onnx_two_level_count_equals_the_quantizer(bits):
+    """Beyond 15 thresholds the exported form finds the group of 16 thresholds holding x, then counts
+    within it: the same values as the quantizer, at every threshold and its neighbouring floats."""
+    from types import SimpleNamespace
+
+    from adq_hf.deploy.inputs import _n2uq_onnx_form
+    from adq_hf.quantizers import N2UQActivationQuantizer
+
+    torch.manual_seed(bits)
+    for signed in (False, True):
+        quantizer = N2UQActivationQuantizer(bits)
+        sample = torch.randn(3000) * 2
+        quantizer.init_from(sample if signed else sample.relu())
+        with torch.no_grad():
+            quantizer.raw_intervals.mul_(torch.empty(2**bits - 1).uniform_(0.1, 4))
+        t = n2uq_thresholds(quantizer)
+        layer = SimpleNamespace(_buffers={"input_thresholds": t}, input_quantizer=quantizer)
+        layer.__dict__["_input_zero_point"] = quantizer.zero_point
+        down, up = torch.full_like(t, -math.inf), torch.full_like(t, math.inf)
+        x = torch.cat([t, torch.nextafter(t, down), torch.nextafter(t, up), sample, torch.tensor([-1e30, 1e30])])
+        x = x[: len(x) // 7 * 7].reshape(-1, 7)  # any shape: the count works elementwise
+        with torch.no_grad():
+            assert torch.equal(_n2uq_onnx_form(layer, x), quantizer(x))

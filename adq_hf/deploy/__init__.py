@@ -19,8 +19,9 @@ their fake-quant classes do. Outputs equal the fake-quant model's eval outputs b
 
 A deployed model refuses training: ``.train()`` and a backward pass raise ``RuntimeError``.
 
-Modules: ``decode`` (codes -> table -> weight), ``inputs`` (input quantizers in deploy form),
-``layers`` (deployed layers, ``convert_for_inference``), ``memory`` (resident bytes), ``onnx`` (export).
+Modules: ``decode`` (codes -> table -> weight), ``kernels`` (the optional C++ look-up-table kernels:
+fused matmul, fast decode), ``inputs`` (input quantizers in deploy form), ``layers`` (deployed layers,
+``convert_for_inference``), ``memory`` (resident bytes), ``onnx`` (export).
 """
 
 from .decode import lut_decode, lut_decode_op
@@ -36,8 +37,10 @@ from .layers import (
     deployed_class_for,
     deployed_layers,
     is_deployed,
+    set_exact,
     set_weight_cache,
 )
+from .kernels import build_kernels, kernel_info
 from .memory import memory_report, resident_bytes
 from .onnx import OnnxMismatchError, export_onnx, onnx_feed, onnx_session, verify_onnx
 
@@ -62,6 +65,9 @@ __all__ = [
     "onnx_feed",
     "onnx_session",
     "resident_bytes",
+    "set_exact",
     "set_weight_cache",
+    "build_kernels",
+    "kernel_info",
     "verify_onnx",
 ]

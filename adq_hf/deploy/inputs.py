@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from . import kernels
 
 MAX_THRESHOLD_STEPS = 4096
 
@@ -50,14 +51,46 @@ def n2uq_thresholds(quantizer) -> Optional[torch.Tensor]:
 COMPARE_MAX_THRESHOLDS = 15
 
 
+# ONNX form of a threshold count above this many thresholds (8-bit inputs: 255): two levels of
+# comparisons, COARSE_GROUP thresholds each, instead of one comparison per threshold and element.
+COARSE_GROUP = 16
+
+
+def _n2uq_onnx_form(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Beyond COMPARE_MAX_THRESHOLDS thresholds, the N2UQ count in few ONNX operations (one comparison per
+    threshold and element was most of an exported ResNet-20's run time, docs/deploy.md): the group of
+    COARSE_GROUP sorted thresholds that holds ``x`` is found with one comparison per group, then ``x`` is
+    compared with that group's thresholds only (a ``Gather``). The same count, so the same values.
+    ``None`` for fewer thresholds (the comparison chain is the fastest form in onnxruntime then)."""
+    thresholds = layer._buffers["input_thresholds"]
+    n = thresholds.numel()
+    if n <= COMPARE_MAX_THRESHOLDS:
+        return None
+    groups = n // COARSE_GROUP + 1  # at least one padding entry: the last group's last threshold is +inf
+    padded = torch.cat([thresholds, thresholds.new_full((groups * COARSE_GROUP - n,), math.inf)])
+    table = padded.reshape(groups, COARSE_GROUP)
+    xu = x.unsqueeze(-1)
+    coarse = (xu >= table[:, -1]).sum(dim=-1)  # groups passed whole: all their thresholds are <= x
+    fine = (xu >= table[coarse]).sum(dim=-1)  # thresholds passed in the next group
+    count = (coarse * COARSE_GROUP + fine).to(x.dtype)
+    return layer.input_quantizer.scale * (count + layer.__dict__["_input_zero_point"])
+
+
 def _n2uq_form(layer, x: torch.Tensor) -> torch.Tensor:
     thresholds = layer._buffers["input_thresholds"]
+    if layer.__dict__.get("_exporting"):
+        out = _n2uq_onnx_form(layer, x)
+        if out is not None:
+            return out
+    elif not torch.compiler.is_compiling():  # one C++ loop, the same bits
+        out = kernels.count_thresholds(x, thresholds, layer.__dict__["_input_zero_point"],
+                                       layer._modules["input_quantizer"]._parameters["scale"])
+        if out is not None:
+            return out
     if thresholds.numel() <= COMPARE_MAX_THRESHOLDS:
         count = (x >= thresholds[0]).to(x.dtype)
         for k in range(1, thresholds.numel()):
             count = count + (x >= thresholds[k]).to(x.dtype)
-    elif layer.__dict__.get("_exporting"):  # ONNX has no searchsorted
-        count = (x.unsqueeze(-1) >= thresholds).sum(dim=-1).to(x.dtype)
     else:
         count = torch.searchsorted(thresholds, x.contiguous(), right=True).to(x.dtype)
     return layer.input_quantizer.scale * (count + layer.__dict__["_input_zero_point"])

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..nn import QuantizedLayerMixin, _QuantizedWeightAttribute, quantized_layers
 from ..packing import pack_codes, packed_size
+from . import kernels
 from .decode import lut_decode, lut_decode_op
 from .inputs import input_form
 
@@ -77,14 +78,55 @@ class DeployedLayerMixin(QuantizedLayerMixin):
         """The look-up table ``[groups, 2**bits]`` in the float weight's dtype."""
         return self.weight_quantizer.levels().to(self.weight_dtype)
 
+    def __getstate__(self):
+        # copies and pickles rebuild the kernels' plan (it holds pointers and the loaded library)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_lut_plan"}
+
+    def lut_plan(self) -> Optional[kernels.LutPlan]:
+        """The kernels' arguments for this layer (``None``: the kernels cannot run it), kept while the
+        codes, the bias and the weight quantizer's tensors are the same objects, unmodified in place."""
+        quantizer = self.weight_quantizer
+        sources = (self._buffers["weight"], self.bias, *quantizer._parameters.values(), *quantizer._buffers.values())
+        cached = self.__dict__.get("_lut_plan")
+        if cached is not None and len(cached[0]) == len(sources) and all(
+                a is b and (a is None or a._version == v) for (a, v), b in zip(cached[0], sources)):
+            return cached[1]
+        rows = self.weight_shape[0]
+        plan = kernels.make_plan(self._buffers["weight"], self.table(), self.weight_bits, rows, self.weight_numel // rows,
+                                 self.bias)
+        self.__dict__["_lut_plan"] = (tuple((t, None if t is None else t._version) for t in sources), plan)
+        return plan
+
     def decode_weight(self) -> torch.Tensor:
         if self.__dict__.get("_exporting"):  # one operator, which export_onnx translates (_onnx_lut_decode)
             return lut_decode_op(self._buffers["weight"], self.table(), self.weight_bits, list(self.weight_shape))
+        if not torch.compiler.is_compiling():  # compiled: inductor fuses the PyTorch form into the layer
+            plan = self.lut_plan()
+            if plan is not None:
+                return plan.decode().view(self.weight_shape)
         return lut_decode(self._buffers["weight"], self.table(), self.weight_bits, self.weight_shape)
+
+    def fused_linear(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``x @ W^T + bias`` by the fused look-up-table kernel (``x``: ``[..., in]``, W never
+        materialised), or ``None`` where it does not apply or does not pay: no kernel build, the
+        layer set to ``exact``, a cached weight, export or compile, more rows than
+        ``kernels.FUSED_MAX_ROWS``. Equal to ``F.linear`` up to float reassociation (docs/deploy.md)."""
+        d = self.__dict__
+        if (d.get("_exact") or d.get("_exporting") or self._buffers.get("decoded_weight") is not None
+                or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0 or torch.compiler.is_compiling()):
+            return None
+        cols = x.shape[-1]
+        if not kernels.fused_pays(self.weight_bits, x.numel() // max(cols, 1)):
+            return None
+        plan = self.lut_plan()
+        if plan is None or plan.cols != cols:
+            return None
+        return plan.linear(x)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input quantizer's eval-mode output, through its deploy form (:func:`input_form`)."""
-        quantizer = self.input_quantizer
+        quantizer = self._modules.get("input_quantizer")
         if quantizer is None:
             return x
         form = self.__dict__.get("_input_form")
@@ -142,12 +184,35 @@ class DeployedLayerMixin(QuantizedLayerMixin):
 
 class DeployedLinear(DeployedLayerMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._guard(F.linear(self.quantize_input(x), self.quantized_weight(), self.bias))
+        x = self.quantize_input(x)
+        out = self.fused_linear(x)
+        if out is None:
+            out = F.linear(x, self.quantized_weight(), self.bias)
+        return self._guard(out)
 
 
 class DeployedConv2d(DeployedLayerMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._guard(self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias))
+        x = self.quantize_input(x)
+        out = self._fused_conv(x)
+        if out is None:
+            out = self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._guard(out)
+
+    def _fused_conv(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """im2col + the fused kernel, when the output has few positions (``N * H_out * W_out`` rows of
+        the matmul: the same rule as Linear's); otherwise ``None`` (decode + the conv)."""
+        if (self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str) or x.dim() != 4
+                or self.__dict__.get("_exact") or torch.compiler.is_compiling()):
+            return None
+        kh, kw = self.kernel_size
+        ho = (x.shape[2] + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (x.shape[3] + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if ho <= 0 or wo <= 0 or not kernels.fused_pays(self.weight_bits, x.shape[0] * ho * wo):
+            return None
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride).transpose(1, 2)
+        out = self.fused_linear(cols)
+        return None if out is None else out.transpose(1, 2).reshape(x.shape[0], -1, ho, wo)
 
 
 class _DeployedOwnForward(DeployedLayerMixin):
@@ -246,8 +311,16 @@ def set_weight_cache(model: nn.Module, max_bytes: Optional[float]) -> int:
     return total
 
 
+def set_exact(model: nn.Module, exact: bool = True) -> None:
+    """``exact=True``: every deployed layer's output is bit-identical to the fake-quant layer's (the fused
+    look-up-table matmul, equal up to float reassociation, is not used); ``False``: the default."""
+    for _, layer in deployed_layers(model):
+        layer.__dict__["_exact"] = bool(exact)
+
+
 def convert_for_inference(
-    model: nn.Module, cache_bytes: Optional[float] = 0, compile: bool = False, **compile_kwargs: Any
+    model: nn.Module, cache_bytes: Optional[float] = 0, compile: bool = False, exact: bool = False,
+    **compile_kwargs: Any
 ) -> nn.Module:
     """Convert a quantized (fake-quant) model for inference, in place; returns it.
 
@@ -256,7 +329,9 @@ def convert_for_inference(
     (default 0: weights are decoded at every call and resident memory stays at the information limit;
     ``None``: cache every layer: no decoding cost, fp32 weight memory). ``compile=True`` also compiles the model in
     place with ``torch.compile`` (``compile_kwargs`` go to it; run it under ``torch.no_grad()``).
-    The measured trade-offs are in docs/deploy.md.
+    ``exact=True``: outputs bit-identical to the fake-quant model (see :func:`set_exact`); by default
+    Linear layers with few input rows (decoding a token) use the fused look-up-table kernel, equal up
+    to float reassociation. The measured trade-offs are in docs/deploy.md.
     """
     layers = quantized_layers(model)
     if not layers:
@@ -269,6 +344,8 @@ def convert_for_inference(
     model.eval()
     for _, layer in layers:
         deploy_layer(layer)
+    set_exact(model, exact)
+    kernels.build_kernels()  # now rather than at the first call (a warning says why when it cannot)
     set_weight_cache(model, cache_bytes)
     if compile:
         model.compile(**compile_kwargs)
