@@ -18,7 +18,7 @@ import sys
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT  # noqa: E402
+from common import ROOT, by_size_class  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -101,16 +101,21 @@ def b4(result: dict) -> List[str]:
 
 def b5(result: dict) -> List[str]:
     rows = result["rows"]
-    lines = ["**B5, transformers**: all-MiniLM-L6-v2 through `AutoModel.from_pretrained(..., "
-             "quantization_config=ADQConfig(...))`, weights only; mean-pooled embedding cosine to FP on held-out "
-             "real sentences ([results](benchmarks/results/transformers_fidelity_standard.md), "
-             "`python benchmarks/transformers_fidelity.py --tier standard`):", "",
-             "| row | how | avg weight bits | cosine to FP (mean) | min | checkpoint / FP checkpoint |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["**B5, transformers**: all-MiniLM-L6-v2 weights only, adq_hf through `AutoModel.from_pretrained(..., "
+             "quantization_config=ADQConfig(...))` and weight-only peers on the same Linear layers in the same run; "
+             "mean-pooled embedding cosine to FP on held-out real sentences "
+             "([results](benchmarks/results/transformers_fidelity_standard.md), "
+             "`python benchmarks/transformers_fidelity.py --tier standard`). Rows grouped by size class: stored bits "
+             "per weight of the quantized layers, codes + scales, zeros and tables at their stored dtype "
+             "([docs/format.md](docs/format.md#bits-per-weight)); best cosine of each class in bold:", "",
+             "| size class | row | how | stored bits / weight | cosine to FP (mean) | min | checkpoint / FP checkpoint |",
+             "|---|---|---|---:|---:|---:|---:|"]
     fp_bytes = rows["fp"]["checkpoint_bytes"]
-    for name, r in rows.items():
-        if name != "fp":
-            lines.append(f"| {name} | {r['how']} | {r['avg_weight_bits']:.2f} | {r['cosine']:.4f} | "
+    for cls, names, best in by_size_class(rows):
+        for name in names:
+            r = rows[name]
+            cosine = f"**{r['cosine']:.4f}**" if name == best else f"{r['cosine']:.4f}"
+            lines.append(f"| {cls} | {name} | {r['how']} | {r['bits_per_weight']:.2f} | {cosine} | "
                          f"{r['cosine_min']:.4f} | {r['checkpoint_bytes'] / fp_bytes:.2f} |")
     return lines
 

@@ -295,6 +295,9 @@ def adq_checkpoint_storage(files: List[str], layers: Dict[str, int]) -> Dict[str
                     continue
                 tensor = fh.get_tensor(key)
                 part = key[len(name) + 1:]
+                if part == "weight" and tensor.dtype != torch.uint8:
+                    raise ValueError(f"{key} in {path} is a {tensor.dtype} weight, not packed codes: not an adq_hf "
+                                     "checkpoint of this model.")
                 if part == "weight" or tensor.is_floating_point():
                     stored[name].counted[part] = tensor
                 else:
