@@ -2,6 +2,7 @@
 """B5: all-MiniLM-L6-v2 quantized through transformers: sentence-embedding fidelity, bits, checkpoint size.
 
     python benchmarks/transformers_fidelity.py --tier standard [--rows w4 w3 ...] [--restart] [--threads N]
+    python benchmarks/transformers_fidelity.py --model mpnet ...   # all-mpnet-base-v2 (adq_hf.data.mpnet_path)
 
 Every quantized row is loaded with ``AutoModel.from_pretrained(path, quantization_config=ADQConfig(...))``
 (weights only: per-output-channel ADQ codebooks, activations float), so ``model.save_pretrained``
@@ -52,6 +53,7 @@ from common import (ROOT, by_size_class, commit, mean_pooled, run_record, senten
                     sentence_embeddings, write_results)
 from weight_only_peers import PEERS, adq_checkpoint_storage, bits_per_weight, quantize_linears, state_with_storage  # noqa: E402
 
+MODELS = {"minilm": ("all-MiniLM-L6-v2", "minilm_path"), "mpnet": ("all-mpnet-base-v2", "mpnet_path")}
 EVAL_OFFSET = 256  # fortunes-min has 386 usable sentences: calibration/training from 0, evaluation from here
 MB = 1e6
 
@@ -98,18 +100,18 @@ def weight_only(**fields):
 class Setup:
     """What every row shares: the FP checkpoint, the sentence batches and the FP reference embeddings."""
 
-    def __init__(self, tier: dict):
+    def __init__(self, tier: dict, model: str = "minilm"):
         from transformers import AutoTokenizer
 
-        from adq_hf.data import english_sentences, minilm_path
+        from adq_hf import data
         from adq_hf.surgery import plan_quantization
 
         self.tier = tier
-        self.path = minilm_path()
+        self.path = getattr(data, MODELS[model][1])()
         tokenizer = AutoTokenizer.from_pretrained(self.path)
         size = tier["batch_size"]
-        self.calibration = sentence_batches(tokenizer, english_sentences(tier["calib_sentences"]), size)
-        held_out = english_sentences(tier["eval_sentences"], offset=EVAL_OFFSET)
+        self.calibration = sentence_batches(tokenizer, data.english_sentences(tier["calib_sentences"]), size)
+        held_out = data.english_sentences(tier["eval_sentences"], offset=EVAL_OFFSET)
         self.evaluation = sentence_batches(tokenizer, held_out, size)
         self.reference = sentence_embeddings(self.float_model(), self.evaluation)
         self.linear_names = [p.name for p in plan_quantization(self.float_model(), weight_only(weight_bits=4))]
@@ -258,7 +260,7 @@ def markdown(result: dict) -> List[str]:
     rows, settings = result["rows"], result["settings"]
     fp_bytes = rows.get("fp", {}).get("checkpoint_bytes")
     lines = [f"Command: `{result['command']}` (commit {result['commit']}, torch {result['machine']['torch']}, "
-             f"{result['machine']['threads']} threads). all-MiniLM-L6-v2, weights only (activations float), "
+             f"{result['machine']['threads']} threads). {result['model']}, weights only (activations float), "
              f"per-channel ADQ codebooks and the peers of benchmarks/weight_only_peers.py on the same Linear layers; "
              f"cosine of mean-pooled embeddings to FP on {settings['eval_sentences']} held-out sentences, "
              f"calibration/training on {settings['calib_sentences']} others.", "",
@@ -292,7 +294,7 @@ def markdown(result: dict) -> List[str]:
             cells.append(f"{top} | {rows[top]['cosine']:.4f} | {rows[top]['bits_per_weight']:.3f}" if top else "- | | ")
         lines.append(f"| {cls} | " + " | ".join(cells) + " |")
     header = max((r.get("header_bytes", 0) for r in rows.values()), default=0)
-    lines += ["", f"The word/position/type embeddings ({result['float_embedding_bytes'] / MB:.1f} MB of FP32) stay "
+    lines += ["", f"The embedding tables ({result['float_embedding_bytes'] / MB:.1f} MB of FP32) stay "
               "float in every checkpoint; only the Linear layers are quantized. MB = 10^6 bytes. Peer checkpoints: "
               "the model's float tensors plus each layer's stored tensors in safetensors (sized, not reloaded: "
               f"no loader). Per-layer configuration (bit width, shape, JSON quant state, counters) is not counted "
@@ -315,6 +317,9 @@ def previous_rows(path: str, settings: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tier", choices=sorted(TIERS), default="standard")
+    parser.add_argument("--model", choices=sorted(MODELS), default="minilm",
+                        help="minilm: all-MiniLM-L6-v2 (results transformers_fidelity_<tier>.*); mpnet: all-mpnet-base-v2 "
+                             "(transformers_fidelity_mpnet_<tier>.*)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="default: the tier's rows")
     parser.add_argument("--restart", action="store_true", help="run every row again, even if stored")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -326,16 +331,17 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()
     settings = {k: v for k, v in TIERS[args.tier].items() if k != "rows"}
-    stem = f"transformers_fidelity_{args.tier}"
+    stem = "transformers_fidelity_" + ("" if args.model == "minilm" else f"{args.model}_") + args.tier
     rows = {} if args.restart else previous_rows(os.path.join(args.out, stem + ".json"), settings)
     resumed = [name for name in rows]
     wanted = ["fp"] + [n for n in (args.rows or TIERS[args.tier]["rows"]) if n != "fp"]  # FP: the size reference
-    setup = Setup(TIERS[args.tier])
+    setup = Setup(TIERS[args.tier], args.model)
     embedding_bytes = sum(p.numel() * p.element_size() for p in setup.float_model().embeddings.parameters())
     started = time.perf_counter()
 
     def result() -> dict:
-        return {"benchmark": "B5 transformers fidelity (all-MiniLM-L6-v2)", "tier": args.tier, "settings": settings,
+        return {"benchmark": f"B5 transformers fidelity ({MODELS[args.model][0]})", "model": MODELS[args.model][0],
+                "tier": args.tier, "settings": settings,
                 "rows": {n: rows[n] for n in ROWS if n in rows}, "resumed_rows": resumed,
                 "float_embedding_bytes": embedding_bytes, "wall_s": time.perf_counter() - started,
                 **run_record("transformers_fidelity.py", argv)}
