@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from adq_hf.packing import pack_codes
-from adq_hf.ptq import inverse_hessian, layer_input_rows, nearest_level, prepare_hessian, solve_gptq, token_mask
+from adq_hf.ptq import collect_hessian, inverse_hessian, nearest_level, prepare_hessian, solve_gptq
 
 
 @dataclass
@@ -201,38 +201,6 @@ PEERS: Dict[str, Peer] = {
 # --------------------------------------------------------------------------------------------
 # Whole models
 # --------------------------------------------------------------------------------------------
-class _Stop(Exception):
-    """Ends a forward pass once the layer's inputs are seen."""
-
-
-@torch.no_grad()
-def input_hessian(model: nn.Module, layer: nn.Linear, batches: List[dict]) -> torch.Tensor:
-    """``H = 2/N X X^T`` (float64) of a plain Linear layer's inputs over real tokens (padding left
-    out), running the model only up to the layer (as ``adq_hf.ptq`` does for quantized layers)."""
-    acc = {"h": torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64), "n": 0, "mask": None}
-
-    def hook(module, args):
-        x, mask = args[0], acc["mask"]
-        if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-            x = x[mask]
-        rows = layer_input_rows(module, x).to(torch.float64)
-        acc["h"].addmm_(rows.T, rows)
-        acc["n"] += rows.shape[0]
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        for batch in batches:
-            acc["mask"] = token_mask(batch)
-            try:
-                model(**batch)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return acc["h"] * (2.0 / max(acc["n"], 1))
-
-
 @torch.no_grad()
 def forward_order(model: nn.Module, names: List[str], batch: dict) -> List[str]:
     """``names`` in the order a forward pass reaches the layers (unreached ones last)."""
@@ -263,7 +231,7 @@ def quantize_linears(model: nn.Module, names: List[str], peer: str, bits: int,
         layer = modules[name]
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"{name} is a {type(layer).__name__}: the peers quantize nn.Linear layers only.")
-        extra = {"hessian": input_hessian(model, layer, calibration)} if spec.calibrated else {}
+        extra = {"hessian": collect_hessian(model, layer, calibration)} if spec.calibrated else {}
         q, stored[name] = spec.quantize(layer.weight, bits, **spec.options, **extra)
         layer.weight.copy_(q.to(layer.weight.dtype))
     return stored

@@ -13,7 +13,7 @@ from transformers import AutoModel, BertConfig, BertModel
 import adq_hf
 from adq_hf import ADQConfig
 from adq_hf.packing import unpack_codes
-from adq_hf.ptq import inverse_hessian, layer_error, nearest_level, prepare_hessian
+from adq_hf.ptq import collect_hessian, inverse_hessian, layer_error, nearest_level, prepare_hessian
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -166,6 +166,20 @@ def test_quantize_linears_is_sequential_and_in_place():
         assert weight.unique().numel() <= 4 * weight.shape[0]  # 4 levels per row
     state = peers.state_with_storage(model, stored)
     assert f"{names[0]}.weight" not in state and f"{names[0]}.qweight" in state and f"{names[0]}.bias" in state
+
+
+def test_collect_hessian_of_a_plain_linear_layer_counts_real_tokens_only():
+    """adq_hf.ptq.collect_hessian also serves the peers' plain (not quantized) Linear layers."""
+    model = tiny_bert()
+    layer = model.encoder.layer[1].intermediate.dense
+    batch = {"input_ids": torch.randint(0, 64, (2, 6)), "attention_mask": torch.tensor([[1] * 6, [1] * 2 + [0] * 4])}
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    x = seen[0][batch["attention_mask"].bool()].double()  # 8 real tokens
+    assert torch.allclose(collect_hessian(model, layer, [batch]), 2 * x.T @ x / 8)
 
 
 def test_size_classes_and_the_best_row_of_each():
