@@ -18,7 +18,7 @@ packs it through adq_hf's transformers quantizer. Rows:
 * Peers (benchmarks/weight_only_peers.py), on the same Linear layers adq_hf quantizes: ``rtn*``
   (uniform grid per channel), ``gptq*`` (adq_hf's GPTQ solver onto a uniform grid per channel or per
   group of 128/64 columns, on the calibration sentences), ``hqq_g64_*`` / ``hqq_g128_*`` (the ``hqq``
-  library), ``nf4``, ``nf4_dq``, ``fp4`` (bitsandbytes, CPU). Each at W4/W3/W2 where the method has it.
+  library, groups along the input columns; ``*_axis0``: HQQ's ``axis=0``, groups within an input column), ``nf4``, ``nf4_dq``, ``fp4`` (bitsandbytes, CPU). Each at W4/W3/W2 where the method has it.
 
 Fidelity: cosine similarity of mean-pooled embeddings to the FP model's, mean and min over held-out
 sentences (Debian fortunes-min: calibration/training sentences from the start of the list, evaluation
@@ -77,7 +77,8 @@ ROWS = {
     "ptq_sa_w3": Row("ptq", 3, "sa"),
     "qat_w3": Row("qat", 3),
     **{f"{peer}_w{b}": Row("peer", b, peer) for peer in ("rtn", "rtn_sym", "gptq", "gptq_g128", "gptq_g64",
-                                                          "hqq_g64", "hqq_g128") for b in (4, 3, 2)},
+                                                          "hqq_g64", "hqq_g128", "hqq_g64_axis0", "hqq_g128_axis0")
+       for b in (4, 3, 2)},
     **{peer: Row("peer", 4, peer) for peer in ("nf4", "nf4_dq", "fp4")},  # bitsandbytes: 4-bit formats only
 }
 TIERS = {

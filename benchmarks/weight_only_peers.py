@@ -144,14 +144,17 @@ def gptq(weight: torch.Tensor, bits: int, hessian: torch.Tensor, symmetric: bool
 # --------------------------------------------------------------------------------------------
 # Library peers
 # --------------------------------------------------------------------------------------------
-def hqq(weight: torch.Tensor, bits: int, group_size: int = 64, **_):
-    """HQQ's own ``HQQLinear`` on a copy of the layer (float16 meta data, optimised zero/scale)."""
+def hqq(weight: torch.Tensor, bits: int, group_size: int = 64, axis: int = 1, **_):
+    """HQQ's own ``HQQLinear`` on a copy of the layer (float16 meta data, optimised zero/scale).
+    ``axis=1`` (HQQ's default, what its fast kernels need): a group is ``group_size`` consecutive
+    weights of one row; ``axis=0``: HQQ views the flattened weight as ``[group_size, -1]`` and groups
+    its columns: ``group_size`` weights of one input column, ``out / group_size`` rows apart."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight.data.copy_(weight.detach().float())
-    layer = HQQLinear(linear, BaseQuantizeConfig(nbits=bits, group_size=group_size), compute_dtype=torch.float16,
-                      device="cpu")
+    config = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=axis)
+    layer = HQQLinear(linear, config, compute_dtype=torch.float16, device="cpu")
     state = layer.state_dict()
     counted = {k: state[k] for k in ("W_q", "scale", "zero")}
     header = {k: v for k, v in state.items() if k not in counted and k != "bias" and torch.is_tensor(v)}
@@ -191,6 +194,10 @@ PEERS: Dict[str, Peer] = {
     "gptq_g64": Peer(gptq, {"group_size": 64}, True, "GPTQ (adq_hf solver), groups of 64, uniform asymmetric grid"),
     "hqq_g64": Peer(hqq, {"group_size": 64}, False, "HQQ (hqq library), groups of 64, fp16 scale and zero"),
     "hqq_g128": Peer(hqq, {"group_size": 128}, False, "HQQ (hqq library), groups of 128, fp16 scale and zero"),
+    "hqq_g64_axis0": Peer(hqq, {"group_size": 64, "axis": 0}, False,
+                          "HQQ (hqq library), axis=0: groups of 64 weights of one input column, fp16 scale and zero"),
+    "hqq_g128_axis0": Peer(hqq, {"group_size": 128, "axis": 0}, False,
+                           "HQQ (hqq library), axis=0: groups of 128 weights of one input column, fp16 scale and zero"),
     "nf4": Peer(bnb, {"quant_type": "nf4"}, False, "bitsandbytes NF4, blocks of 64, fp32 absmax"),
     "nf4_dq": Peer(bnb, {"quant_type": "nf4", "double_quant": True}, False,
                    "bitsandbytes NF4, blocks of 64, double-quantized absmax"),

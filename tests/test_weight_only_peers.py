@@ -50,11 +50,12 @@ def test_uniform_grid_bytes_by_hand():
     assert peers.bits_per_weight({"l": symmetric}, 512) == pytest.approx(4.125)
 
 
-@pytest.mark.parametrize("bits, w_q_bytes", [(4, 256), (3, 256), (2, 128)])
-def test_hqq_bytes_by_hand(bits, w_q_bytes):
-    """HQQ packs 4-bit as 2 per byte, 2-bit as 4 per byte, 3-bit as 10 per int32 (8 groups of 64 fit in one
-    row of 64 int32 = 256 bytes: 4.0 bits each here); float16 scale and zero per group: 8 * 2 * 2 = 32 bytes."""
-    q, storage = peers.hqq(layer_weight(), bits, group_size=64)
+@pytest.mark.parametrize("bits, axis, w_q_bytes", [(4, 1, 256), (3, 1, 256), (2, 1, 128), (3, 0, 224)])
+def test_hqq_bytes_by_hand(bits, axis, w_q_bytes):
+    """HQQ packs 4-bit as 2 per byte, 2-bit as 4 per byte, 3-bit as 10 per int32 along its first dimension:
+    axis=1 views the weight as [8 groups, 64], one int32 row of 64 (256 bytes, 4.0 bits each here); axis=0
+    as [64, 8 groups], 7 int32 rows of 8 (224 bytes). Float16 scale and zero per group: 8 * 2 * 2 = 32 bytes."""
+    q, storage = peers.hqq(layer_weight(), bits, group_size=64, axis=axis)
     assert storage.counted["scale"].dtype == storage.counted["zero"].dtype == torch.float16
     assert storage.counted_bytes == w_q_bytes + 32
     assert storage.header_bytes > 0 and "bias" not in storage.header  # nbits, shape, packing name, ...
