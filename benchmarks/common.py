@@ -110,3 +110,11 @@ def by_size_class(rows: Dict[str, dict]) -> List[Tuple[str, List[str], Optional[
             names.sort(key=lambda n: (rows[n]["bits_per_weight"], n))
             out.append((cls, names, max(names, key=lambda n: rows[n]["cosine"])))
     return out
+
+
+def size_frontier(rows: Dict[str, dict]) -> set:
+    """Rows no other row beats at equal or smaller size: none has at most their stored bits per weight
+    and at least their mean cosine, better in one (FP rows left out)."""
+    quantized = {n: (r["bits_per_weight"], r["cosine"]) for n, r in rows.items() if r["kind"] != "fp"}
+    return {n for n, (bits, cos) in quantized.items()
+            if not any(b <= bits and c >= cos and (b, c) != (bits, cos) for b, c in quantized.values())}

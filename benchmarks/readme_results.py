@@ -18,7 +18,7 @@ import sys
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, by_size_class  # noqa: E402
+from common import ROOT, by_size_class, size_frontier  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -107,16 +107,17 @@ def b5(result: dict) -> List[str]:
              "([results](benchmarks/results/transformers_fidelity_standard.md), "
              "`python benchmarks/transformers_fidelity.py --tier standard`). Rows grouped by size class: stored bits "
              "per weight of the quantized layers, codes + scales, zeros and tables at their stored dtype "
-             "([docs/format.md](docs/format.md#bits-per-weight)); best cosine of each class in bold:", "",
-             "| size class | row | how | stored bits / weight | cosine to FP (mean) | min | checkpoint / FP checkpoint |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    fp_bytes = rows["fp"]["checkpoint_bytes"]
+             "([docs/format.md](docs/format.md#bits-per-weight)); best cosine of each class in bold; frontier: no "
+             "other row is as small or smaller and as close or closer to FP:", "",
+             "| size class | row | how | stored bits / weight | cosine to FP (mean) | min | frontier | checkpoint / FP checkpoint |",
+             "|---|---|---|---:|---:|---:|:-:|---:|"]
+    fp_bytes, frontier = rows["fp"]["checkpoint_bytes"], size_frontier(rows)
     for cls, names, best in by_size_class(rows):
         for name in names:
             r = rows[name]
             cosine = f"**{r['cosine']:.4f}**" if name == best else f"{r['cosine']:.4f}"
             lines.append(f"| {cls} | {name} | {r['how']} | {r['bits_per_weight']:.2f} | {cosine} | "
-                         f"{r['cosine_min']:.4f} | {r['checkpoint_bytes'] / fp_bytes:.2f} |")
+                         f"{r['cosine_min']:.4f} | {'yes' if name in frontier else ''} | {r['checkpoint_bytes'] / fp_bytes:.2f} |")
     return lines
 
 

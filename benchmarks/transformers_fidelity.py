@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ROOT, by_size_class, commit, mean_pooled, run_record, sentence_batches,  # noqa: E402
-                    sentence_embeddings, write_results)
+                    sentence_embeddings, size_frontier, write_results)
 from weight_only_peers import PEERS, adq_checkpoint_storage, bits_per_weight, quantize_linears, state_with_storage  # noqa: E402
 
 MODELS = {"minilm": ("all-MiniLM-L6-v2", "minilm_path"), "mpnet": ("all-mpnet-base-v2", "mpnet_path")}
@@ -267,17 +267,20 @@ def markdown(result: dict) -> List[str]:
              f"calibration/training on {settings['calib_sentences']} others.", "",
              "Rows grouped by size class: stored bits per weight of the quantized layers (codes + scales, zeros, "
              "tables at their stored dtype; docs/format.md, \"Bits per weight\"); the best cosine of each class in "
-             "bold. Nominal bits: the code width (for mixed precision the parameter-weighted average).", "",
-             "| size class | row | how | nominal bits | stored bits / weight | cosine to FP (mean) | (min) | "
+             "bold; frontier: no other row is as small or smaller and as close or closer to FP. Nominal bits: the "
+             "code width (for mixed precision the parameter-weighted average).", "",
+             "| size class | row | how | nominal bits | stored bits / weight | cosine to FP (mean) | (min) | frontier | "
              "reloaded checkpoint cosine | checkpoint (MB) | / FP checkpoint | wall (s) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|:-:|---:|---:|---:|---:|"]
+    frontier = size_frontier(rows)
 
     def line(cls: str, name: str, r: dict, best: bool) -> str:
         ratio = f"{r['checkpoint_bytes'] / fp_bytes:.3f}" if fp_bytes else ""
         cosine = f"**{r['cosine']:.4f}**" if best else f"{r['cosine']:.4f}"
         reloaded = "" if r.get("reloaded_cosine") is None else f"{r['reloaded_cosine']:.4f}"
         return (f"| {cls} | {name} | {r['how']} | {r['avg_weight_bits']:.2f} | {r['bits_per_weight']:.3f} | {cosine} | "
-                f"{r['cosine_min']:.4f} | {reloaded} | {r['checkpoint_bytes'] / MB:.2f} | {ratio} | {r['wall_s']:.0f} |")
+                f"{r['cosine_min']:.4f} | {'yes' if name in frontier else ''} | {reloaded} | "
+                f"{r['checkpoint_bytes'] / MB:.2f} | {ratio} | {r['wall_s']:.0f} |")
 
     if "fp" in rows:
         lines.append(line("FP32", "fp", rows["fp"], False))

@@ -18,7 +18,7 @@ def run_quick_tier(out) -> str:
     """A subprocess, as a user runs it: one torch thread, the Hub unreachable."""
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "transformers_fidelity.py"), "--tier", "quick",
            "--threads", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import weight_only_peers as peers  # noqa: E402
-from common import by_size_class, size_class  # noqa: E402
+from common import by_size_class, size_class, size_frontier  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,3 +191,6 @@ def test_size_classes_and_the_best_row_of_each():
             "b": {"kind": "peer", "bits_per_weight": 3.3, "cosine": 0.95},
             "c": {"kind": "peer", "bits_per_weight": 2.1, "cosine": 0.5}}
     assert by_size_class(rows) == [("<= 2.25", ["c"], "c"), ("3.25-4.25", ["b", "a"], "b")]
+    assert size_frontier(rows) == {"b", "c"}  # a: b is smaller and closer to FP
+    rows["d"] = {"kind": "peer", "bits_per_weight": 3.0, "cosine": 0.7}
+    assert size_frontier(rows) == {"b", "c", "d"}
