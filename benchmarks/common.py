@@ -99,10 +99,11 @@ def size_class(bits: float) -> str:
 
 def by_size_class(rows: Dict[str, dict]) -> List[Tuple[str, List[str], Optional[str]]]:
     """``(class, row names by ascending stored bits, best row by mean cosine)`` for every size class
-    that has rows; rows without quantized layers (FP) are left out."""
+    that has rows; rows without quantized layers (FP) or without stored bits (measured before B5
+    recorded them: ``unsized_rows``) are left out."""
     classes: Dict[str, List[str]] = {name: [] for name in SIZE_CLASSES}
     for name, row in rows.items():
-        if row["kind"] != "fp":
+        if row["kind"] != "fp" and "bits_per_weight" in row:
             classes[size_class(row["bits_per_weight"])].append(name)
     out = []
     for cls, names in classes.items():
@@ -115,6 +116,12 @@ def by_size_class(rows: Dict[str, dict]) -> List[Tuple[str, List[str], Optional[
 def size_frontier(rows: Dict[str, dict]) -> set:
     """Rows no other row beats at equal or smaller size: none has at most their stored bits per weight
     and at least their mean cosine, better in one (FP rows left out)."""
-    quantized = {n: (r["bits_per_weight"], r["cosine"]) for n, r in rows.items() if r["kind"] != "fp"}
+    quantized = {n: (r["bits_per_weight"], r["cosine"]) for n, r in rows.items()
+                 if r["kind"] != "fp" and "bits_per_weight" in r}
     return {n for n, (bits, cos) in quantized.items()
             if not any(b <= bits and c >= cos and (b, c) != (bits, cos) for b, c in quantized.values())}
+
+
+def unsized_rows(rows: Dict[str, dict]) -> List[str]:
+    """Quantized rows stored by a run from before B5 recorded stored bits per weight."""
+    return [n for n, r in rows.items() if r["kind"] != "fp" and "bits_per_weight" not in r]

@@ -18,7 +18,7 @@ import sys
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, by_size_class, size_frontier  # noqa: E402
+from common import ROOT, by_size_class, size_frontier, unsized_rows  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -118,6 +118,14 @@ def b5(result: dict) -> List[str]:
             cosine = f"**{r['cosine']:.4f}**" if name == best else f"{r['cosine']:.4f}"
             lines.append(f"| {cls} | {name} | {r['how']} | {r['bits_per_weight']:.2f} | {cosine} | "
                          f"{r['cosine_min']:.4f} | {'yes' if name in frontier else ''} | {r['checkpoint_bytes'] / fp_bytes:.2f} |")
+    earlier = unsized_rows(rows)
+    if earlier:
+        lines += ["", "Measured by an earlier run, before stored bits per weight were recorded (nominal bits):", "",
+                  "| row | how | nominal bits | cosine to FP (mean) | min | checkpoint / FP checkpoint | commit |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {n} | {rows[n]['how']} | {rows[n]['avg_weight_bits']:.2f} | {rows[n]['cosine']:.4f} | "
+                  f"{rows[n]['cosine_min']:.4f} | {rows[n]['checkpoint_bytes'] / fp_bytes:.2f} | {rows[n]['commit']} |"
+                  for n in earlier]
     return lines
 
 

@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ROOT, by_size_class, commit, mean_pooled, run_record, sentence_batches,  # noqa: E402
-                    sentence_embeddings, size_frontier, write_results)
+                    sentence_embeddings, size_frontier, unsized_rows, write_results)
 from weight_only_peers import PEERS, adq_checkpoint_storage, bits_per_weight, quantize_linears, state_with_storage  # noqa: E402
 
 MODELS = {"minilm": ("all-MiniLM-L6-v2", "minilm_path"), "mpnet": ("all-mpnet-base-v2", "mpnet_path")}
@@ -287,6 +287,15 @@ def markdown(result: dict) -> List[str]:
     classes = by_size_class(rows)
     for cls, names, best in classes:
         lines += [line(cls, n, rows[n], n == best) for n in names]
+    earlier = unsized_rows(rows)
+    if earlier:
+        lines += ["", "Rows from a run before stored bits were recorded (their commit is in the JSON; "
+                  "`--restart --rows " + " ".join(earlier) + "` measures them again), not in the classes:", "",
+                  "| row | how | nominal bits | cosine to FP (mean) | (min) | checkpoint / FP checkpoint | commit |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {n} | {rows[n]['how']} | {rows[n]['avg_weight_bits']:.2f} | {rows[n]['cosine']:.4f} | "
+                  f"{rows[n]['cosine_min']:.4f} | {rows[n]['checkpoint_bytes'] / fp_bytes:.3f} | {rows[n]['commit']} |"
+                  for n in earlier]
     lines += ["", "Best row of each size class, adq_hf against the peers:", "",
               "| size class | best adq_hf row | cosine | stored bits | best peer row | cosine | stored bits |",
               "|---|---|---:|---:|---|---:|---:|"]

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import weight_only_peers as peers  # noqa: E402
-from common import by_size_class, size_class, size_frontier  # noqa: E402
+from common import by_size_class, size_class, size_frontier, unsized_rows  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,3 +194,6 @@ def test_size_classes_and_the_best_row_of_each():
     assert size_frontier(rows) == {"b", "c"}  # a: b is smaller and closer to FP
     rows["d"] = {"kind": "peer", "bits_per_weight": 3.0, "cosine": 0.7}
     assert size_frontier(rows) == {"b", "c", "d"}
+    rows["e"] = {"kind": "qat", "cosine": 0.99}  # stored by a run from before bits per weight were recorded
+    assert unsized_rows(rows) == ["e"] and size_frontier(rows) == {"b", "c", "d"}
+    assert [names for _, names, _ in by_size_class(rows)] == [["c"], ["d"], ["b", "a"]]
