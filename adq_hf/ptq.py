@@ -249,14 +249,16 @@ def _supported(layer: nn.Module) -> bool:
 
 @torch.no_grad()
 def collect_hessian(model: nn.Module, layer: nn.Module, batches: List) -> torch.Tensor:
-    """``H = 2/N X X^T`` (float64) of ``layer``'s inputs (after its input quantizer) over ``batches``,
-    running the model only up to that layer; padding tokens (``attention_mask`` 0) are left out."""
-    device = layer.latent_weight().device
-    cols = layer.latent_weight()[0].numel()
+    """``H = 2/N X X^T`` (float64) of ``layer``'s inputs (after its input quantizer; a plain Linear or
+    Conv2d, as B5's peers quantize, has none) over ``batches``, running the model only up to that
+    layer; padding tokens (``attention_mask`` 0) are left out."""
+    quantized = is_quantized_layer(layer)
+    weight = layer.latent_weight() if quantized else layer.weight
+    device, cols = weight.device, weight[0].numel()
     acc = {"h": torch.zeros(cols, cols, dtype=torch.float64, device=device), "n": 0, "mask": None}
 
     def hook(module, args):
-        x, mask = module.quantize_input(args[0]), acc["mask"]
+        x, mask = module.quantize_input(args[0]) if quantized else args[0], acc["mask"]
         if isinstance(module, nn.Linear) and mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
             x = x[mask.to(x.device)]  # real tokens only
         rows = layer_input_rows(module, x).to(torch.float64)

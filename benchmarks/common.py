@@ -5,12 +5,13 @@ all-MiniLM-L6-v2's sentence embeddings (B2 and B5 compare models by them)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER_CONFIG = os.path.join(ROOT, "recipes", "configs", "fmnist_resnet20_w4a4.yaml")
@@ -105,3 +106,42 @@ def qwen_shaped_lm(layers=None, seed: int = 0, **overrides):
         fields["num_hidden_layers"] = layers
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(**fields)).eval()
+
+
+# B5's size classes (docs/format.md, "Bits per weight"): the budgets of issue 19's targets in stored
+# bits per weight (codes + scales, zeros, tables), so rows are compared at equal size.
+SIZE_CLASSES = {"<= 2.25": 2.25, "2.25-3.25": 3.25, "3.25-4.25": 4.25, "> 4.25": math.inf}
+
+
+def size_class(bits: float) -> str:
+    return next(name for name, bound in SIZE_CLASSES.items() if bits <= bound + 1e-9)
+
+
+def by_size_class(rows: Dict[str, dict]) -> List[Tuple[str, List[str], Optional[str]]]:
+    """``(class, row names by ascending stored bits, best row by mean cosine)`` for every size class
+    that has rows; rows without quantized layers (FP) or without stored bits (measured before B5
+    recorded them: ``unsized_rows``) are left out."""
+    classes: Dict[str, List[str]] = {name: [] for name in SIZE_CLASSES}
+    for name, row in rows.items():
+        if row["kind"] != "fp" and "bits_per_weight" in row:
+            classes[size_class(row["bits_per_weight"])].append(name)
+    out = []
+    for cls, names in classes.items():
+        if names:
+            names.sort(key=lambda n: (rows[n]["bits_per_weight"], n))
+            out.append((cls, names, max(names, key=lambda n: rows[n]["cosine"])))
+    return out
+
+
+def size_frontier(rows: Dict[str, dict]) -> set:
+    """Rows no other row beats at equal or smaller size: none has at most their stored bits per weight
+    and at least their mean cosine, better in one (FP rows left out)."""
+    quantized = {n: (r["bits_per_weight"], r["cosine"]) for n, r in rows.items()
+                 if r["kind"] != "fp" and "bits_per_weight" in r}
+    return {n for n, (bits, cos) in quantized.items()
+            if not any(b <= bits and c >= cos and (b, c) != (bits, cos) for b, c in quantized.values())}
+
+
+def unsized_rows(rows: Dict[str, dict]) -> List[str]:
+    """Quantized rows stored by a run from before B5 recorded stored bits per weight."""
+    return [n for n, r in rows.items() if r["kind"] != "fp" and "bits_per_weight" not in r]

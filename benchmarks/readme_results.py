@@ -18,7 +18,7 @@ import sys
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT  # noqa: E402
+from common import ROOT, by_size_class, size_frontier, unsized_rows  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -101,17 +101,31 @@ def b4(result: dict) -> List[str]:
 
 def b5(result: dict) -> List[str]:
     rows = result["rows"]
-    lines = ["**B5, transformers**: all-MiniLM-L6-v2 through `AutoModel.from_pretrained(..., "
-             "quantization_config=ADQConfig(...))`, weights only; mean-pooled embedding cosine to FP on held-out "
-             "real sentences ([results](benchmarks/results/transformers_fidelity_standard.md), "
-             "`python benchmarks/transformers_fidelity.py --tier standard`):", "",
-             "| row | how | avg weight bits | cosine to FP (mean) | min | checkpoint / FP checkpoint |",
-             "|---|---|---:|---:|---:|---:|"]
-    fp_bytes = rows["fp"]["checkpoint_bytes"]
-    for name, r in rows.items():
-        if name != "fp":
-            lines.append(f"| {name} | {r['how']} | {r['avg_weight_bits']:.2f} | {r['cosine']:.4f} | "
-                         f"{r['cosine_min']:.4f} | {r['checkpoint_bytes'] / fp_bytes:.2f} |")
+    lines = ["**B5, transformers**: all-MiniLM-L6-v2 weights only, adq_hf through `AutoModel.from_pretrained(..., "
+             "quantization_config=ADQConfig(...))` and weight-only peers on the same Linear layers in the same run; "
+             "mean-pooled embedding cosine to FP on held-out real sentences "
+             "([results](benchmarks/results/transformers_fidelity_standard.md), "
+             "`python benchmarks/transformers_fidelity.py --tier standard`). Rows grouped by size class: stored bits "
+             "per weight of the quantized layers, codes + scales, zeros and tables at their stored dtype "
+             "([docs/format.md](docs/format.md#bits-per-weight)); best cosine of each class in bold; frontier: no "
+             "other row is as small or smaller and as close or closer to FP:", "",
+             "| size class | row | how | stored bits / weight | cosine to FP (mean) | min | frontier | checkpoint / FP checkpoint |",
+             "|---|---|---|---:|---:|---:|:-:|---:|"]
+    fp_bytes, frontier = rows["fp"]["checkpoint_bytes"], size_frontier(rows)
+    for cls, names, best in by_size_class(rows):
+        for name in names:
+            r = rows[name]
+            cosine = f"**{r['cosine']:.4f}**" if name == best else f"{r['cosine']:.4f}"
+            lines.append(f"| {cls} | {name} | {r['how']} | {r['bits_per_weight']:.2f} | {cosine} | "
+                         f"{r['cosine_min']:.4f} | {'yes' if name in frontier else ''} | {r['checkpoint_bytes'] / fp_bytes:.2f} |")
+    earlier = unsized_rows(rows)
+    if earlier:
+        lines += ["", "Measured by an earlier run, before stored bits per weight were recorded (nominal bits):", "",
+                  "| row | how | nominal bits | cosine to FP (mean) | min | checkpoint / FP checkpoint | commit |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {n} | {rows[n]['how']} | {rows[n]['avg_weight_bits']:.2f} | {rows[n]['cosine']:.4f} | "
+                  f"{rows[n]['cosine_min']:.4f} | {rows[n]['checkpoint_bytes'] / fp_bytes:.2f} | {rows[n]['commit']} |"
+                  for n in earlier]
     return lines
 
 

@@ -2,6 +2,7 @@
 """B5: all-MiniLM-L6-v2 quantized through transformers: sentence-embedding fidelity, bits, checkpoint size.
 
     python benchmarks/transformers_fidelity.py --tier standard [--rows w4 w3 ...] [--restart] [--threads N]
+    python benchmarks/transformers_fidelity.py --model mpnet ...   # all-mpnet-base-v2 (adq_hf.data.mpnet_path)
 
 Every quantized row is loaded with ``AutoModel.from_pretrained(path, quantization_config=ADQConfig(...))``
 (weights only: per-output-channel ADQ codebooks, activations float), so ``model.save_pretrained``
@@ -14,12 +15,19 @@ packs it through adq_hf's transformers quantizer. Rows:
 * ``ptq_gptq_w3``, ``ptq_sa_w3``: the W3 model, then ``adq_hf.ptq.quantize`` on the calibration sentences.
 * ``qat_w3``: the W3 model, then a short self-distillation (Adam on ``1 - cos`` between its and the
   FP model's mean-pooled embeddings of the calibration sentences); fidelity before and after.
+* Peers (benchmarks/weight_only_peers.py), on the same Linear layers adq_hf quantizes: ``rtn*``
+  (uniform grid per channel), ``gptq*`` (adq_hf's GPTQ solver onto a uniform grid per channel or per
+  group of 128/64 columns, on the calibration sentences), ``hqq_g64_*`` / ``hqq_g128_*`` (the ``hqq``
+  library, groups along the input columns; ``*_axis0``: HQQ's ``axis=0``, groups within an input column), ``nf4``, ``nf4_dq``, ``fp4`` (bitsandbytes, CPU). Each at W4/W3/W2 where the method has it.
 
 Fidelity: cosine similarity of mean-pooled embeddings to the FP model's, mean and min over held-out
 sentences (Debian fortunes-min: calibration/training sentences from the start of the list, evaluation
-sentences from index 256 on, so the sets are disjoint). Checkpoint size: bytes of the ``*.safetensors``
-``save_pretrained`` writes, against the FP model saved the same way; each checkpoint is loaded back
-and its fidelity measured again. Finished rows are stored in the JSON as they finish and reused by a
+sentences from index 256 on, so the sets are disjoint). Size: stored bits per weight of the
+quantized layers (codes + scales, zeros, tables at their stored dtype: docs/format.md, "Bits per
+weight"), and the bytes of the whole ``*.safetensors`` checkpoint against the FP model's: adq_hf rows
+``save_pretrained`` and are loaded back (fidelity measured again); a peer's checkpoint is the model's
+float tensors plus the peer's own stored tensors per layer (no loader: not reloaded). Rows are
+grouped by size class (stored bits per weight <= 2.25, <= 3.25, <= 4.25, above), best of each marked. Finished rows are stored in the JSON as they finish and reused by a
 rerun of the same tier and settings (``--restart`` runs them again).
 Results: benchmarks/results/transformers_fidelity_<tier>.{json,md}.
 """
@@ -38,20 +46,24 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ROOT, commit, mean_pooled, run_record, sentence_batches, sentence_embeddings,  # noqa: E402
-                    write_results)
+from common import (ROOT, by_size_class, commit, mean_pooled, run_record, sentence_batches,  # noqa: E402
+                    sentence_embeddings, size_frontier, unsized_rows, write_results)
+from weight_only_peers import PEERS, adq_checkpoint_storage, bits_per_weight, quantize_linears, state_with_storage  # noqa: E402
 
+MODELS = {"minilm": ("all-MiniLM-L6-v2", "minilm_path"), "mpnet": ("all-mpnet-base-v2", "mpnet_path")}
 EVAL_OFFSET = 256  # fortunes-min has 386 usable sentences: calibration/training from 0, evaluation from here
 MB = 1e6
 
 
 @dataclass(frozen=True)
 class Row:
-    kind: str  # the builder below: "fp", "load", "mixed", "ptq" or "qat"
+    kind: str  # the builder below: "fp", "load", "mixed", "ptq", "qat" or "peer"
     bits: Optional[float] = None  # weight bits; for "mixed" the average-bit budget
-    method: str = ""  # PTQ solver; for "mixed": "residual" = sensitivity of 0.5 * mean(y**2) instead of Gauss-Newton
+    method: str = ""  # PTQ solver; for "mixed": "residual" = sensitivity of 0.5 * mean(y**2) instead of Gauss-Newton;
+    # for "peer": the name in weight_only_peers.PEERS
 
 
 ROWS = {
@@ -64,11 +76,16 @@ ROWS = {
     "ptq_gptq_w3": Row("ptq", 3, "gptq"),
     "ptq_sa_w3": Row("ptq", 3, "sa"),
     "qat_w3": Row("qat", 3),
+    **{f"{peer}_w{b}": Row("peer", b, peer) for peer in ("rtn", "rtn_sym", "gptq", "gptq_g128", "gptq_g64",
+                                                          "hqq_g64", "hqq_g128", "hqq_g64_axis0", "hqq_g128_axis0")
+       for b in (4, 3, 2)},
+    **{peer: Row("peer", 4, peer) for peer in ("nf4", "nf4_dq", "fp4")},  # bitsandbytes: 4-bit formats only
 }
 TIERS = {
     "quick": {"calib_sentences": 16, "eval_sentences": 32, "batch_size": 16, "sensitivity": "fisher",
               "sensitivity_batches": 1, "probes": 1, "qat_steps": 5, "qat_lr": 1e-5,
-              "rows": ["fp", "w4", "w3", "mixed3.5", "ptq_gptq_w3", "ptq_sa_w3", "qat_w3"]},
+              "rows": ["fp", "w4", "w3", "mixed3.5", "ptq_gptq_w3", "ptq_sa_w3", "qat_w3", "rtn_w3", "gptq_g128_w3",
+                       "hqq_g64_w3", "nf4_dq"]},
     "standard": {"calib_sentences": 256, "eval_sentences": 128, "batch_size": 32, "sensitivity": "hutchinson",
                  "sensitivity_batches": 1, "probes": 50, "qat_steps": 200, "qat_lr": 1e-5, "rows": list(ROWS)},
 }
@@ -84,19 +101,21 @@ def weight_only(**fields):
 class Setup:
     """What every row shares: the FP checkpoint, the sentence batches and the FP reference embeddings."""
 
-    def __init__(self, tier: dict):
+    def __init__(self, tier: dict, model: str = "minilm"):
         from transformers import AutoTokenizer
 
-        from adq_hf.data import english_sentences, minilm_path
+        from adq_hf import data
+        from adq_hf.surgery import plan_quantization
 
         self.tier = tier
-        self.path = minilm_path()
+        self.path = getattr(data, MODELS[model][1])()
         tokenizer = AutoTokenizer.from_pretrained(self.path)
         size = tier["batch_size"]
-        self.calibration = sentence_batches(tokenizer, english_sentences(tier["calib_sentences"]), size)
-        held_out = english_sentences(tier["eval_sentences"], offset=EVAL_OFFSET)
+        self.calibration = sentence_batches(tokenizer, data.english_sentences(tier["calib_sentences"]), size)
+        held_out = data.english_sentences(tier["eval_sentences"], offset=EVAL_OFFSET)
         self.evaluation = sentence_batches(tokenizer, held_out, size)
         self.reference = sentence_embeddings(self.float_model(), self.evaluation)
+        self.linear_names = [p.name for p in plan_quantization(self.float_model(), weight_only(weight_bits=4))]
 
     def float_model(self, **overrides):
         from transformers import AutoModel
@@ -189,8 +208,17 @@ def self_distill(student, teacher, batches: List[dict], steps: int, lr: float) -
     return losses
 
 
+def build_peer(row: Row, setup: Setup):
+    """The FP model with every Linear layer adq_hf quantizes replaced by the peer's dequantized weight;
+    its stored tensors travel as ``model.peer_storage`` (``measure`` sizes them)."""
+    model = setup.float_model()
+    calibration = setup.calibration if PEERS[row.method].calibrated else None
+    model.peer_storage = quantize_linears(model, setup.linear_names, row.method, int(row.bits), calibration)
+    return model, {"how": f"{PEERS[row.method].how}, W{int(row.bits)}"}
+
+
 BUILDERS: Dict[str, Callable] = {"fp": build_fp, "load": build_load, "mixed": build_mixed, "ptq": build_ptq,
-                                 "qat": build_qat}
+                                 "qat": build_qat, "peer": build_peer}
 
 
 def measure(name: str, setup: Setup) -> dict:
@@ -204,17 +232,27 @@ def measure(name: str, setup: Setup) -> dict:
     started = time.perf_counter()
     model, extra = BUILDERS[row.kind](row, setup)
     cosines = setup.cosines(model)
+    layers = {n: m.weight_numel for n, m in adq_hf.quantized_layers(model)}
     with tempfile.TemporaryDirectory(prefix="b5-") as folder:
-        model.save_pretrained(folder)
+        if row.kind == "peer":  # the float tensors + the peer's stored tensors; no loader to reload with
+            save_file(state_with_storage(model, model.peer_storage), os.path.join(folder, "model.safetensors"))
+            stored, reloaded = model.peer_storage, None
+            layers = {n: dict(model.named_modules())[n].weight.numel() for n in stored}
+        else:
+            model.save_pretrained(folder)
+            files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+            stored = adq_checkpoint_storage(files, layers) if layers else {}
+            reloaded = float(setup.cosines(AutoModel.from_pretrained(folder)).mean())
         size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(folder, "*.safetensors")))
-        reloaded = setup.cosines(AutoModel.from_pretrained(folder))
-    result = {"kind": row.kind, "bits": row.bits, "method": row.method,
-              "avg_weight_bits": adq_hf.average_weight_bits(model) if adq_hf.quantized_layers(model) else 32.0,
+    nominal = row.bits if row.kind == "peer" else adq_hf.average_weight_bits(model) if layers else 32.0
+    result = {"kind": row.kind, "bits": row.bits, "method": row.method, "avg_weight_bits": nominal,
+              "bits_per_weight": bits_per_weight(stored, sum(layers.values())) if stored else 32.0,
+              "header_bytes": sum(s.header_bytes for s in stored.values()), "quantized_weights": sum(layers.values()),
               "cosine": float(cosines.mean()), "cosine_min": float(cosines.min()),
-              "reloaded_cosine": float(reloaded.mean()), "checkpoint_bytes": size, **extra,
+              "reloaded_cosine": reloaded, "checkpoint_bytes": size, **extra,
               "wall_s": time.perf_counter() - started, "commit": commit(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    print(f"{name}: cosine {result['cosine']:.4f}, {result['avg_weight_bits']:.2f} bits, "
+    print(f"{name}: cosine {result['cosine']:.4f}, {result['bits_per_weight']:.3f} stored bits/weight, "
           f"{size / MB:.1f} MB, {result['wall_s']:.0f} s", flush=True)
     return result
 
@@ -223,18 +261,57 @@ def markdown(result: dict) -> List[str]:
     rows, settings = result["rows"], result["settings"]
     fp_bytes = rows.get("fp", {}).get("checkpoint_bytes")
     lines = [f"Command: `{result['command']}` (commit {result['commit']}, torch {result['machine']['torch']}, "
-             f"{result['machine']['threads']} threads). all-MiniLM-L6-v2, weights only (activations float), "
-             f"per-channel ADQ codebooks; cosine of mean-pooled embeddings to FP on {settings['eval_sentences']} "
-             f"held-out sentences, calibration/training on {settings['calib_sentences']} others.", "",
-             "| row | how | avg weight bits | cosine to FP (mean) | (min) | reloaded checkpoint cosine | "
-             "checkpoint (MB) | / FP checkpoint | wall (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in rows.items():
+             f"{result['machine']['threads']} threads). {result['model']}, weights only (activations float), "
+             f"per-channel ADQ codebooks and the peers of benchmarks/weight_only_peers.py on the same Linear layers; "
+             f"cosine of mean-pooled embeddings to FP on {settings['eval_sentences']} held-out sentences, "
+             f"calibration/training on {settings['calib_sentences']} others.", "",
+             "Rows grouped by size class: stored bits per weight of the quantized layers (codes + scales, zeros, "
+             "tables at their stored dtype; docs/format.md, \"Bits per weight\"); the best cosine of each class in "
+             "bold; frontier: no other row is as small or smaller and as close or closer to FP. Nominal bits: the "
+             "code width (for mixed precision the parameter-weighted average).", "",
+             "| size class | row | how | nominal bits | stored bits / weight | cosine to FP (mean) | (min) | frontier | "
+             "reloaded checkpoint cosine | checkpoint (MB) | / FP checkpoint | wall (s) |",
+             "|---|---|---|---:|---:|---:|---:|:-:|---:|---:|---:|---:|"]
+    frontier = size_frontier(rows)
+
+    def line(cls: str, name: str, r: dict, best: bool) -> str:
         ratio = f"{r['checkpoint_bytes'] / fp_bytes:.3f}" if fp_bytes else ""
-        lines.append(f"| {name} | {r['how']} | {r['avg_weight_bits']:.2f} | {r['cosine']:.4f} | "
-                     f"{r['cosine_min']:.4f} | {r['reloaded_cosine']:.4f} | {r['checkpoint_bytes'] / MB:.2f} | {ratio} | {r['wall_s']:.0f} |")
-    lines += ["", f"The word/position/type embeddings ({result['float_embedding_bytes'] / MB:.1f} MB of FP32) stay "
-              "float in every checkpoint; only the Linear layers are quantized. MB = 10^6 bytes."]
+        cosine = f"**{r['cosine']:.4f}**" if best else f"{r['cosine']:.4f}"
+        reloaded = "" if r.get("reloaded_cosine") is None else f"{r['reloaded_cosine']:.4f}"
+        return (f"| {cls} | {name} | {r['how']} | {r['avg_weight_bits']:.2f} | {r['bits_per_weight']:.3f} | {cosine} | "
+                f"{r['cosine_min']:.4f} | {'yes' if name in frontier else ''} | {reloaded} | "
+                f"{r['checkpoint_bytes'] / MB:.2f} | {ratio} | {r['wall_s']:.0f} |")
+
+    if "fp" in rows:
+        lines.append(line("FP32", "fp", rows["fp"], False))
+    classes = by_size_class(rows)
+    for cls, names, best in classes:
+        lines += [line(cls, n, rows[n], n == best) for n in names]
+    earlier = unsized_rows(rows)
+    if earlier:
+        lines += ["", "Rows from a run before stored bits were recorded (their commit is in the JSON; "
+                  "`--restart --rows " + " ".join(earlier) + "` measures them again), not in the classes:", "",
+                  "| row | how | nominal bits | cosine to FP (mean) | (min) | checkpoint / FP checkpoint | commit |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {n} | {rows[n]['how']} | {rows[n]['avg_weight_bits']:.2f} | {rows[n]['cosine']:.4f} | "
+                  f"{rows[n]['cosine_min']:.4f} | {rows[n]['checkpoint_bytes'] / fp_bytes:.3f} | {rows[n]['commit']} |"
+                  for n in earlier]
+    lines += ["", "Best row of each size class, adq_hf against the peers:", "",
+              "| size class | best adq_hf row | cosine | stored bits | best peer row | cosine | stored bits |",
+              "|---|---|---:|---:|---|---:|---:|"]
+    for cls, names, _ in classes:
+        cells = []
+        for family in (lambda n: rows[n]["kind"] != "peer", lambda n: rows[n]["kind"] == "peer"):
+            members = [n for n in names if family(n)]
+            top = max(members, key=lambda n: rows[n]["cosine"]) if members else None
+            cells.append(f"{top} | {rows[top]['cosine']:.4f} | {rows[top]['bits_per_weight']:.3f}" if top else "- | | ")
+        lines.append(f"| {cls} | " + " | ".join(cells) + " |")
+    header = max((r.get("header_bytes", 0) for r in rows.values()), default=0)
+    lines += ["", f"The embedding tables ({result['float_embedding_bytes'] / MB:.1f} MB of FP32) stay "
+              "float in every checkpoint; only the Linear layers are quantized. MB = 10^6 bytes. Peer checkpoints: "
+              "the model's float tensors plus each layer's stored tensors in safetensors (sized, not reloaded: "
+              f"no loader). Per-layer configuration (bit width, shape, JSON quant state, counters) is not counted "
+              f"in the bits per weight: at most {header:,} bytes per model in any row."]
     if result["resumed_rows"]:
         lines.append(f"Rows reused from an earlier invocation (their own commit and time are in the JSON): "
                      f"{', '.join(result['resumed_rows'])}.")
@@ -253,6 +330,9 @@ def previous_rows(path: str, settings: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tier", choices=sorted(TIERS), default="standard")
+    parser.add_argument("--model", choices=sorted(MODELS), default="minilm",
+                        help="minilm: all-MiniLM-L6-v2 (results transformers_fidelity_<tier>.*); mpnet: all-mpnet-base-v2 "
+                             "(transformers_fidelity_mpnet_<tier>.*)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="default: the tier's rows")
     parser.add_argument("--restart", action="store_true", help="run every row again, even if stored")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -264,16 +344,17 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()
     settings = {k: v for k, v in TIERS[args.tier].items() if k != "rows"}
-    stem = f"transformers_fidelity_{args.tier}"
+    stem = "transformers_fidelity_" + ("" if args.model == "minilm" else f"{args.model}_") + args.tier
     rows = {} if args.restart else previous_rows(os.path.join(args.out, stem + ".json"), settings)
     resumed = [name for name in rows]
     wanted = ["fp"] + [n for n in (args.rows or TIERS[args.tier]["rows"]) if n != "fp"]  # FP: the size reference
-    setup = Setup(TIERS[args.tier])
+    setup = Setup(TIERS[args.tier], args.model)
     embedding_bytes = sum(p.numel() * p.element_size() for p in setup.float_model().embeddings.parameters())
     started = time.perf_counter()
 
     def result() -> dict:
-        return {"benchmark": "B5 transformers fidelity (all-MiniLM-L6-v2)", "tier": args.tier, "settings": settings,
+        return {"benchmark": f"B5 transformers fidelity ({MODELS[args.model][0]})", "model": MODELS[args.model][0],
+                "tier": args.tier, "settings": settings,
                 "rows": {n: rows[n] for n in ROWS if n in rows}, "resumed_rows": resumed,
                 "float_embedding_bytes": embedding_bytes, "wall_s": time.perf_counter() - started,
                 **run_record("transformers_fidelity.py", argv)}

