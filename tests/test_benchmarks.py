@@ -16,6 +16,11 @@ def test_step_time_quick_tier(tmp_path):
     assert set(result["median_step_s"]) == set(step_time.METHODS)
     assert result["ratio_to_fp"]["fp"] == 1.0 and all(v > 0 for v in result["median_step_s"].values())
     assert (tmp_path / "step_time_quick.md").read_text().startswith("| method")
+    sens = result["sensitivity"]
+    assert set(sens["seconds"]) == {"ggn", "hutchinson", "exact"} and sens["time_ratio_hutchinson_to_ggn"] > 0
+    assert all(-1 <= rho <= 1 for rho in sens["spearman"].values())
+    assert all(set(bits) == set(sens["values"]["exact"]) for bits in sens["allocations"].values())
+    assert "| ggn |" in (tmp_path / "step_time_quick.md").read_text()
 
 
 def test_qat_accuracy_quick_tier(tmp_path, monkeypatch):

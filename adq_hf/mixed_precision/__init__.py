@@ -20,7 +20,8 @@ from .allocation import (
     quantization_error,
 )
 from .report import write_report
-from .sensitivity import default_loss, estimate_sensitivity, exact_layer_traces, weight_layers
+from .sensitivity import (default_loss, estimate_sensitivity, exact_gauss_newton_traces, exact_layer_traces,
+                          weight_layers)
 
 
 class BitAllocation(dict):
@@ -80,6 +81,7 @@ __all__ = [
     "candidate_stats",
     "default_loss",
     "estimate_sensitivity",
+    "exact_gauss_newton_traces",
     "exact_layer_traces",
     "layer_bytes",
     "lut_bytes",

@@ -72,6 +72,16 @@ class OutputCurvature:
         root = self.sqrt_p * u.reshape(-1, self.y.shape[-1])
         return (root - self.p * root.sum(dim=1, keepdim=True)).reshape(self.y.shape).to(self.y.dtype)
 
+    def columns(self):
+        """The columns ``A e_c`` of the cross-entropy root, one per class (``sum_c A e_c (A e_c)^T = H_y``):
+        with per-sample norms they give the exact trace in ``classes`` backward passes."""
+        if self.kind != "cross_entropy":
+            raise ValueError("exact Gauss-Newton traces need a cross-entropy output (a batch with labels).")
+        classes = self.y.shape[-1]
+        for c in range(classes):
+            onehot = torch.nn.functional.one_hot(torch.tensor(c, device=self.p.device), classes).to(self.p.dtype)
+            yield (self.sqrt_p[:, c:c + 1] * (onehot - self.p)).reshape(self.y.shape).to(self.y.dtype)
+
 
 def _per_sample_math(module: nn.Module) -> bool:
     """The weight gradient is ``sum_n delta_n^T a_n`` of the plain op (no weight transform, zero padding)."""
@@ -150,31 +160,41 @@ def per_sample_sq_norm(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) 
     return total
 
 
+def _squared_gradients(y, v, tapped, direct, modules, params) -> torch.Tensor:
+    """``[layers]`` float64: per-sample (tapped layers) or batch squared weight-gradient norms of ``<y, v>``."""
+    inputs = [out for _, out in tapped.values()] + [params[i] for i in direct]
+    grads = torch.autograd.grad(y, inputs, grad_outputs=v, retain_graph=True, allow_unused=True)
+    quads = [torch.zeros((), dtype=torch.float64)] * len(params)
+    for (i, (a, _)), delta in zip(tapped.items(), grads):
+        if delta is not None:
+            quads[i] = per_sample_sq_norm(modules[i], a, delta)
+    for i, g in zip(direct, grads[len(tapped):]):
+        if g is not None:
+            quads[i] = g.detach().double().pow(2).sum()
+    return torch.stack([q.cpu() for q in quads])
+
+
 def gauss_newton_traces(y: torch.Tensor, labels: Optional[torch.Tensor], modules: List[nn.Module],
                         params: List[torch.Tensor], taps: LayerTaps, generator: torch.Generator, max_iters: int,
-                        min_iters: int, tol: float, bar) -> torch.Tensor:
+                        min_iters: int, tol: float, bar, exact: bool = False) -> torch.Tensor:
     """``Tr(J_i^T H_y J_i)`` per layer (float64 ``[layers]``): the mean over output probes of the
     per-sample (or, for layers the taps cannot use, batch) squared weight-gradient norms. Probes stop
     at ``max_iters`` or, after ``max(min_iters, 2)``, once every layer's relative standard error (over
-    probes) is at most ``tol``."""
+    probes) is at most ``tol``. ``exact``: the sum over the cross-entropy root's columns instead
+    (one backward per class; every layer must be measured per sample)."""
     curvature = OutputCurvature(y, labels)
     tapped = taps.usable(y.shape[0])
     direct = [i for i in range(len(params)) if i not in tapped]
-    inputs = [tapped[i][1] for i in tapped] + [params[i] for i in direct]
+    if exact:
+        if direct:
+            raise ValueError(f"exact Gauss-Newton traces need per-sample gradients of every layer; {len(direct)} "
+                             "layer(s) are not plain Linear/Conv2d math called once on the batch.")
+        return sum(_squared_gradients(y, v, tapped, direct, modules, params) for v in curvature.columns())
     sums = torch.zeros(len(params), dtype=torch.float64)
     squares = torch.zeros(len(params), dtype=torch.float64)
     done = 0
     for it in range(1, max_iters + 1):
-        grads = torch.autograd.grad(y, inputs, grad_outputs=curvature.probe(generator), retain_graph=True,
-                                    allow_unused=True)
-        quads = [torch.zeros((), dtype=torch.float64)] * len(params)
-        for (i, (a, _)), delta in zip(tapped.items(), grads):
-            if delta is not None:
-                quads[i] = per_sample_sq_norm(modules[i], a, delta)
-        for i, g in zip(direct, grads[len(tapped):]):
-            if g is not None:
-                quads[i] = g.detach().double().pow(2).sum()
-        quads = torch.stack([q.cpu() for q in quads])
+        quads = _squared_gradients(y, curvature.probe(generator), tapped, direct, modules, params)
         sums += quads
         squares += quads * quads
         bar.update(1)

@@ -234,7 +234,7 @@ def _sq(g: Optional[torch.Tensor]) -> float:
     return 0.0 if g is None else float(g.detach().double().pow(2).sum())
 
 
-def _gauss_newton(model, batch, names, params, generator, max_iters, min_iters, tol, bar) -> torch.Tensor:
+def _gauss_newton(model, batch, names, params, generator, max_iters, min_iters, tol, bar, exact=False) -> torch.Tensor:
     """One batch of ``method="ggn"`` (``gauss_newton.gauss_newton_traces``)."""
     modules = dict(model.named_modules())
     layer_modules = [modules[n] for n in names]
@@ -244,7 +244,8 @@ def _gauss_newton(model, batch, names, params, generator, max_iters, min_iters, 
     if not (torch.is_tensor(y) and y.requires_grad):
         raise ValueError("method='ggn' needs a model output (a tensor, .logits or the first output) that depends on "
                          "the layer weights.")
-    return gauss_newton_traces(y, labels, layer_modules, params, taps, generator, max_iters, min_iters, tol, bar)
+    return gauss_newton_traces(y, labels, layer_modules, params, taps, generator, max_iters, min_iters, tol, bar,
+                               exact=exact)
 
 
 def _hutchinson(loss, params, generator, max_iters, min_iters, tol, bar) -> torch.Tensor:
@@ -311,3 +312,25 @@ def exact_layer_traces(model: nn.Module, batch, loss_fn=None) -> Tuple[Dict[str,
     finally:
         model.train(was_training)
     return traces, sizes
+
+
+def exact_gauss_newton_traces(model: nn.Module, batch, layers: Optional[List[str]] = None) -> Dict[str, float]:
+    """Exact per-layer ``Tr(J_i^T H_y J_i) / n_i`` of a classification batch ``(inputs, labels)`` (or a
+    dict with labels): per-sample squared gradients of each column of the cross-entropy root, one
+    backward per class. For ReLU networks this is the exact per-layer Hessian trace too (validation:
+    the reference the B4 benchmark compares both estimators with)."""
+    all_layers = weight_layers(model)
+    names = list(all_layers) if layers is None else list(layers)
+    params = [all_layers[n] for n in names]
+    was_training = model.training
+    model.eval()
+    requires = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        totals = _gauss_newton(model, batch, names, params, None, 1, 1, 0.0, _bar(False, 1, ""), exact=True)
+    finally:
+        for p, r in zip(params, requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+    return {n: float(t) / p.numel() for n, t, p in zip(names, totals, params)}
