@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ADQConfig
+from .config import PTQ_METHODS, ADQConfig
 from .nn import QuantConv2d, QuantLinear, is_quantized_layer, quantized_layers
 from .blockwise import BlockInput, BlockPlan, Captured, capture_inputs, plan_blocks, run_model
 from .quantize import quantize_model
 from .surgery import calibrate_activations
 
-METHODS = ("rtn", "gptq", "obq", "sa")
+METHODS = PTQ_METHODS
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,6 +427,39 @@ def _is_empty(data) -> bool:
         return len(data) == 0
     except TypeError:  # an iterator: calibration_batches will say if it is empty
         return False
+
+
+def quantize_at_load(model: nn.Module, config: ADQConfig, progress: bool = True) -> nn.Module:
+    """Calibration at load (``ADQConfig.ptq``): block-by-block PTQ of a model just quantized from float
+    weights, on ``config.calibration_dataset`` (text through ``config.tokenizer``, by default the
+    checkpoint's own). The data and tokenizer references are dropped from the config afterwards."""
+    if config.ptq is None:
+        return model
+    data = config.calibration_dataset
+    if data is None:
+        raise ValueError(f"ADQConfig.ptq={config.ptq!r} runs PTQ while loading float weights and needs "
+                         "calibration_dataset= (batches, a list of strings or a datasets.Dataset).")
+    tokenizer = config.tokenizer
+    if tokenizer is None and _is_text(data):
+        source = getattr(model, "name_or_path", None)
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as err:
+            raise ValueError(f"the calibration data is text and no tokenizer was given; loading one from {source!r} "
+                             f"failed ({err}): pass ADQConfig(tokenizer=...).") from None
+    quantize(model, data, config=None, method=config.ptq, tokenizer=tokenizer, progress=progress)
+    config.calibration_dataset = config.tokenizer = None
+    return model
+
+
+def _is_text(data) -> bool:
+    from .calibration import _is_dataset
+
+    if _is_dataset(data):
+        return "input_ids" not in data.column_names
+    return isinstance(data, (list, tuple)) and bool(data) and isinstance(data[0], str)
 
 
 class _PTQRun:
