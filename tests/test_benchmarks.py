@@ -63,6 +63,22 @@ def test_ptq_quick_tier(tmp_path):
     assert "| resnet20 | 3 | obq |" in (tmp_path / "ptq_quick.md").read_text()
 
 
+def test_scale_quick_tier(tmp_path):
+    import scale
+
+    assert scale.main(["--tier", "quick", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
+    result = json.load(open(tmp_path / "scale_quick.json"))
+    rows = result["rows"]
+    assert set(rows) == set(scale.ROWS) and result["shape"]["tie_word_embeddings"]
+    assert rows["hqq_w4_g64"]["layers"] == 2 * 7  # every Linear of the 2 decoder layers; the tied head stays float
+    assert rows["adq_w4_per_channel"]["layers"] >= 2 * 7
+    for name in ("float", "adq_w4_per_channel", "adq_w4_per_tensor", "hqq_w4_g64"):
+        assert rows[name]["forward_s"] > 0 and rows[name]["peak_mb"] > 0
+    for name in ("ptq_gptq", "ptq_sa"):
+        assert rows[name]["ptq_s"] > 0 and rows[name]["ptq_plan"]["blockwise"] and rows[name]["ptq_tokens"] == 4 * 32
+    assert "| adq_w4_per_channel |" in (tmp_path / "scale_quick.md").read_text()
+
+
 def test_readme_results_block_is_generated_from_the_committed_results(tmp_path):
     import readme_results
 
