@@ -7,6 +7,7 @@ once, with an error naming the field and its allowed values.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from typing import Any, Dict, List, Optional
@@ -23,6 +24,9 @@ PLANNED_ACTIVATION_QUANTIZERS: tuple = ()
 GRANULARITIES = ("per_tensor", "per_channel")
 CODEBOOK_INITS = ("quantile", "uniform")
 CODEBOOK_UPDATES = ("ema", "static")
+PTQ_METHODS = ("rtn", "gptq", "obq", "sa")
+# Given to the constructor for calibration at load, never written to config.json (docs/ptq.md).
+RUNTIME_FIELDS = ("calibration_dataset", "tokenizer")
 
 
 def _check_bits(name: str, value, allow_none: bool = False) -> None:
@@ -78,6 +82,14 @@ class ADQConfig(QuantizationConfigMixin):
         ema_update_interval: optimiser steps between codebook updates (>= 1).
         target_avg_bits: a parameter-weighted average weight-bit budget for mixed precision; the
             allocation turns it into ``layer_bits`` from calibration data.
+        ptq: a PTQ method (``"rtn"``, ``"gptq"``, ``"obq"``, ``"sa"``) run while loading a float
+            checkpoint (``from_pretrained``, ``timm.create_model``), block by block, on
+            ``calibration_dataset``; ``None``: no PTQ. Saved in config.json as a record of how the
+            weights were made (a saved checkpoint loads pre-quantized, without PTQ).
+        calibration_dataset: the calibration data of ``ptq``: batches, a list of strings, or a
+            ``datasets.Dataset`` (``adq_hf.calibration.calibration_batches``). Not serialized.
+        tokenizer: turns text calibration data into batches (default: the checkpoint's own
+            tokenizer, ``AutoTokenizer.from_pretrained``). Not serialized.
     """
 
     def __init__(
@@ -97,6 +109,9 @@ class ADQConfig(QuantizationConfigMixin):
         ema_decay: float = 0.99,
         ema_update_interval: int = 1,
         target_avg_bits: Optional[float] = None,
+        ptq: Optional[str] = None,
+        calibration_dataset: Any = None,
+        tokenizer: Any = None,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
     ):
@@ -126,6 +141,9 @@ class ADQConfig(QuantizationConfigMixin):
         self.ema_decay = ema_decay
         self.ema_update_interval = ema_update_interval
         self.target_avg_bits = target_avg_bits
+        self.ptq = ptq
+        self.calibration_dataset = calibration_dataset
+        self.tokenizer = tokenizer
         self.post_init()
 
     @classmethod
@@ -170,6 +188,8 @@ class ADQConfig(QuantizationConfigMixin):
                 f"ADQConfig.codebook_init_iters={self.codebook_init_iters!r} is invalid: expected an integer >= 0 "
                 "(0 keeps the initial codebook as it is)."
             )
+        if self.ptq is not None:
+            _check_choice("ptq", self.ptq, PTQ_METHODS)
         if self.target_avg_bits is not None:
             if isinstance(self.target_avg_bits, bool) or not isinstance(self.target_avg_bits, (int, float)) or not (
                 BITS_RANGE.start <= self.target_avg_bits <= BITS_RANGE.stop - 1
@@ -190,7 +210,7 @@ class ADQConfig(QuantizationConfigMixin):
         return (config, unused) if return_unused_kwargs else config
 
     def to_dict(self) -> Dict[str, Any]:
-        names = ["quant_method"] + [n for n in self._field_names() if n != "quant_method"]
+        names = ["quant_method"] + [n for n in self._field_names() if n not in ("quant_method",) + RUNTIME_FIELDS]
         return {name: json.loads(json.dumps(getattr(self, name))) for name in names}
 
     def to_json_string(self, use_diff: bool = True) -> str:
@@ -201,6 +221,15 @@ class ADQConfig(QuantizationConfigMixin):
     def to_json_file(self, json_file_path) -> None:
         with open(json_file_path, "w", encoding="utf-8") as writer:
             writer.write(self.to_json_string())
+
+    def __deepcopy__(self, memo):
+        """Deep copy, except the calibration data and tokenizer, which copies share (transformers deep-copies
+        the model config while loading; a data set must not be duplicated)."""
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            clone.__dict__[name] = value if name in RUNTIME_FIELDS else copy.deepcopy(value, memo)
+        return clone
 
     def __eq__(self, other) -> bool:
         return isinstance(other, ADQConfig) and self.to_dict() == other.to_dict()

@@ -32,8 +32,44 @@ class QuantizedLayerMixin:
         """The float weight the optimiser trains (``_parameters`` so a ``weight`` property can't shadow it)."""
         return self._parameters["weight"]
 
+    # Whether an eval-mode forward that needs no autograd graph may reuse the decoded weight
+    # (``set_decode_cache``); the class default, overridden per layer in ``__dict__``.
+    decode_cache: bool = True
+
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.latent_weight())
+        """The fake-quantized weight. In eval mode, when no gradient can flow into it (under
+        ``torch.no_grad()``/``inference_mode``, or nothing involved requires grad), it is decoded once
+        and reused until the latent weight or the quantizer's state changes (docs/deploy.md)."""
+        weight = self.latent_weight()
+        if not self._decode_cache_applies(weight):
+            return self.weight_quantizer(weight)
+        key = _decode_key(weight, self.weight_quantizer)
+        cached = self.__dict__.get("_decoded")
+        if cached is not None and _same_key(cached[0], key) and cached[1].is_inference() == torch.is_inference_mode_enabled():
+            return cached[1]
+        self.__dict__["_decoded"] = None  # free the stale copy before decoding a new one
+        quantized = self.weight_quantizer(weight)
+        self.__dict__["_decoded"] = (key, quantized)
+        return quantized
+
+    def _decode_cache_applies(self, weight: torch.Tensor) -> bool:
+        if self.training or not self.decode_cache or torch.compiler.is_compiling():
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not (weight.requires_grad or any(p.requires_grad for p in self.weight_quantizer.parameters()))
+
+    def clear_decoded_weight(self) -> None:
+        self.__dict__.pop("_decoded", None)
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.clear_decoded_weight()  # training changes the weights: never reuse, and free the copy
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self.clear_decoded_weight()  # .to()/.half()/.cuda(): the weight moves or changes dtype
+        return super()._apply(fn, recurse)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -50,6 +86,41 @@ class QuantizedLayerMixin:
     @property
     def activation_bits(self) -> Optional[int]:
         return None if self.input_quantizer is None else self.input_quantizer.bits
+
+
+def _decode_key(weight: torch.Tensor, quantizer: nn.Module) -> tuple:
+    """What the decoded weight depends on: the latent weight and every tensor of the quantizer's state,
+    each by identity, storage and in-place version counter (``copy_``, optimiser steps and
+    ``load_state_dict`` all bump it), and the quantizer object itself. Holds references, so an
+    identity cannot be reused by a new object while the key lives."""
+    tensors = [weight, *quantizer.parameters(), *quantizer.buffers()]
+    return (quantizer, tuple((t, t._version, t.data_ptr()) for t in tensors))
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and len(a[1]) == len(b[1]) and all(
+        x[0] is y[0] and x[1] == y[1] and x[2] == y[2] for x, y in zip(a[1], b[1]))
+
+
+def set_decode_cache(model: nn.Module, enabled: bool) -> int:
+    """Allow (default) or forbid the eval-mode decoded-weight cache on every quantized layer of
+    ``model``; forbidding also frees the cached copies. Returns how many layers were set."""
+    layers = quantized_layers(model)
+    for _, layer in layers:
+        layer.__dict__["decode_cache"] = bool(enabled)
+        if not enabled:
+            layer.clear_decoded_weight()
+    return len(layers)
+
+
+def decoded_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the eval-mode decoded-weight caches of ``model``'s quantized layers."""
+    total = 0
+    for _, layer in quantized_layers(model):
+        cached = layer.__dict__.get("_decoded")
+        if cached is not None:
+            total += cached[1].numel() * cached[1].element_size()
+    return total
 
 
 class QuantLinear(QuantizedLayerMixin, nn.Linear):

@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ADQConfig
+from .config import PTQ_METHODS, ADQConfig
 from .nn import QuantConv2d, QuantLinear, is_quantized_layer, quantized_layers
+from .blockwise import BlockInput, BlockPlan, Captured, capture_inputs, plan_blocks, run_model
 from .quantize import quantize_model
-from .surgery import calibrate_activations, model_inputs
+from .surgery import calibrate_activations
 
-METHODS = ("rtn", "gptq", "obq", "sa")
+METHODS = PTQ_METHODS
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,18 +201,8 @@ SOLVERS: Dict[str, Callable] = {"rtn": solve_rtn, "gptq": solve_gptq, "obq": sol
 # --------------------------------------------------------------------------------------------
 # Calibration inputs -> Hessians (forward hooks), sequential over layers
 # --------------------------------------------------------------------------------------------
-def _run(model: nn.Module, batch, device) -> None:
-    args, kwargs = model_inputs(batch)
-    try:
-        model(*(a.to(device) if torch.is_tensor(a) else a for a in args),
-              **{k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()})
-    except RuntimeError as err:  # shape/dtype errors from the model itself
-        raise ValueError(f"a calibration batch does not fit the model ({err}); pass batches of this "
-                         "model's inputs.") from None
-
-
-class _Captured(Exception):
-    """Raised by the capture hook to end a forward pass once the layer's input is seen."""
+def _run(model: nn.Module, batch, device=None) -> None:
+    run_model(model, batch, device)
 
 
 def layer_input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -247,39 +238,81 @@ def _supported(layer: nn.Module) -> bool:
     return True
 
 
+class HessianHooks:
+    """Forward pre-hooks adding each layer's inputs (after its input quantizer; padding tokens left out)
+    to ``H = 2/N X X^T``. ``run(forward, mask)`` calls ``forward()`` and ends it (``Captured``) once
+    every layer has been seen. Layers fed the same tensor without an input quantizer (q/k/v, gate/up)
+    share one product ``X^T X`` per call. Products in float32, accumulated in float64."""
+
+    def __init__(self, layers: List[nn.Module]):
+        self.layers = list(layers)
+        self.sums = {}
+        self.counts = {id(layer): 0 for layer in self.layers}
+        self.handles = []
+
+    def __enter__(self) -> "HessianHooks":
+        for layer in self.layers:
+            self.handles.append(layer.register_forward_pre_hook(self._hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _hook(self, module, args):
+        x, mask = args[0], self.mask
+        quantized = is_quantized_layer(module)  # B5's peers collect Hessians of plain layers
+        key = (id(x), id(module) if quantized and module.input_quantizer is not None else None, _unfolding(module))
+        _, product, rows = self.products.get(key, (None, None, 0))
+        if product is None:
+            q = module.quantize_input(x) if quantized else x
+            if isinstance(module, nn.Linear) and mask is not None and q.dim() == 3 and q.shape[:2] == mask.shape:
+                q = q[mask.to(q.device)]  # real tokens only
+            flat = layer_input_rows(module, q).float()
+            product, rows = flat.T @ flat, flat.shape[0]
+            self.products[key] = (x, product, rows)  # x held: its id cannot be reused during this call
+        if id(module) in self.sums:
+            self.sums[id(module)].add_(product)
+        else:
+            self.sums[id(module)] = product.to(torch.float64)
+        self.counts[id(module)] += rows
+        self.seen.add(id(module))
+        if len(self.seen) == len(self.layers):
+            raise Captured
+
+    def run(self, forward: Callable[[], object], mask: Optional[torch.Tensor] = None) -> None:
+        self.seen, self.products, self.mask = set(), {}, mask
+        try:
+            forward()
+        except Captured:
+            pass
+        finally:
+            self.products = {}
+
+    def hessian(self, layer: nn.Module) -> torch.Tensor:
+        if self.counts[id(layer)] == 0:
+            raise ValueError("the calibration data never reached layer "
+                             f"{type(layer).__name__}: check that the batches are inputs of this model.")
+        return self.sums[id(layer)] * (2.0 / self.counts[id(layer)])
+
+
+def _unfolding(layer: nn.Module) -> tuple:
+    """What, besides the input, ``layer_input_rows`` depends on."""
+    if isinstance(layer, nn.Conv2d):
+        return (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    return ()
+
+
 @torch.no_grad()
 def collect_hessian(model: nn.Module, layer: nn.Module, batches: List) -> torch.Tensor:
     """``H = 2/N X X^T`` (float64) of ``layer``'s inputs (after its input quantizer; a plain Linear or
     Conv2d, as B5's peers quantize, has none) over ``batches``, running the model only up to that
     layer; padding tokens (``attention_mask`` 0) are left out."""
-    quantized = is_quantized_layer(layer)
-    weight = layer.latent_weight() if quantized else layer.weight
-    device, cols = weight.device, weight[0].numel()
-    acc = {"h": torch.zeros(cols, cols, dtype=torch.float64, device=device), "n": 0, "mask": None}
-
-    def hook(module, args):
-        x, mask = module.quantize_input(args[0]) if quantized else args[0], acc["mask"]
-        if isinstance(module, nn.Linear) and mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-            x = x[mask.to(x.device)]  # real tokens only
-        rows = layer_input_rows(module, x).to(torch.float64)
-        acc["h"].addmm_(rows.T, rows)
-        acc["n"] += rows.shape[0]
-        raise _Captured
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
+    with HessianHooks([layer]) as hooks:
         for batch in batches:
-            acc["mask"] = token_mask(batch)
-            try:
-                _run(model, batch, device)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    if acc["n"] == 0:
-        raise ValueError("the calibration data never reached layer "
-                         f"{type(layer).__name__}: check that the batches are inputs of this model.")
-    return acc["h"] * (2.0 / acc["n"])
+            hooks.run(lambda: _run(model, batch), token_mask(batch))
+    return hooks.hessian(layer)
 
 
 @torch.no_grad()
@@ -330,66 +363,295 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable) -> int:
     return len(norms)
 
 
+class PTQInterrupted(RuntimeError):
+    """PTQ stopped (Ctrl-C) before every layer was quantized: the model is only partly PTQ'd."""
+
+
 def quantize(
     model: nn.Module,
-    calibration_data: Iterable,
+    calibration_data,
     config: Optional[ADQConfig] = None,
     method: str = "sa",
     damp: float = 0.01,
     bn_reestimate: bool = True,
     progress: bool = True,
+    blockwise: bool = True,
+    tokenizer=None,
+    resume_dir: Optional[str] = None,
     **options,
 ) -> nn.Module:
     """One-shot post-training quantization (in place; returns the model).
 
     ``model``: a float model (quantized here with ``config``, mixed precision included when
     ``config.target_avg_bits`` is set) or one already quantized by adq_hf (``config=None``).
-    ``calibration_data``: batches of model inputs (tensors, ``(inputs, labels)`` or dicts).
-    Layers are quantized one after another, each from inputs that already pass through the
-    quantized layers before it; BatchNorm statistics are re-estimated at the end.
+    ``calibration_data``: batches of model inputs (tensors, ``(inputs, labels)`` or dicts), a list of
+    strings with ``tokenizer``, or a ``datasets.Dataset`` (``adq_hf.calibration.calibration_batches``).
+
+    Layers are quantized one after another in forward order, each from inputs that already pass
+    through the quantized layers before it. ``blockwise`` (default): block by block
+    (``adq_hf.blockwise``: transformer layers, residual blocks), from cached block inputs, one pass
+    through the model in total; within a block layers are quantized in forward order, those fed the
+    same input together, and the block's outputs with its quantized weights feed the next block.
+    Without repeated blocks (or ``blockwise=False``) the model runs up to each layer for its
+    Hessian. BatchNorm statistics are re-estimated at the end.
+
+    ``resume_dir``: after every block the quantized layers so far are saved there
+    (``ptq_progress.safetensors``); a run with the same model, config, method, options and
+    calibration data continues from the last finished block. An interrupted run (Ctrl-C) raises
+    ``PTQInterrupted`` saying how far it got.
     ``options`` go to the solver (``block_size``, ``act_order`` for gptq, ``sensitivity`` for sa).
-    The per-layer errors and times are in ``model.ptq_report``.
+    The per-layer errors and times are in ``model.ptq_report``; how the run went through the model
+    in ``model.ptq_plan``.
     """
+    from .calibration import calibration_batches
+
     if method not in SOLVERS:
         raise ValueError(f"unknown PTQ method {method!r}; choose one of {list(METHODS)}.")
-    batches = list(calibration_data)
-    if not batches:
+    if _is_empty(calibration_data):
         raise ValueError("calibration_data is empty: PTQ needs batches of model inputs (e.g. 1,024 training images).")
+    batches = calibration_batches(calibration_data, tokenizer)
     was_training = model.training
     model.eval()
+    run = _PTQRun(model, batches, method, damp, options, progress)
     try:
-        model.ptq_report = _quantize_in_eval_mode(model, batches, config, method, damp, bn_reestimate, progress,
-                                                  options)
+        run.prepare(config)
+        run.quantize(blockwise, resume_dir)
+        if bn_reestimate:
+            reestimate_batchnorm(model, batches)
     finally:
+        model.ptq_report, model.ptq_plan = run.report, run.plan_summary
         model.train(was_training)
     return model
 
 
-def _quantize_in_eval_mode(model, batches, config, method, damp, bn_reestimate, progress, options) -> Dict[str, dict]:
-    from tqdm.auto import tqdm
+def _is_empty(data) -> bool:
+    try:
+        return len(data) == 0
+    except TypeError:  # an iterator: calibration_batches will say if it is empty
+        return False
 
-    with torch.no_grad():
-        _run(model, batches[0], next(model.parameters()).device)  # a clear error before any work if it does not fit
-    if not any(is_quantized_layer(m) for m in model.modules()):
-        if config is None:
-            raise ValueError("the model is not quantized: pass an ADQConfig (or quantize_model it first).")
-        quantize_model(model, config, calibration_data=batches)
-    elif config is not None and config != getattr(model, "quantization_config", config):
-        raise ValueError("the model is already quantized with another config; pass config=None to use its own.")
-    layers = _forward_order(model, batches[0])
-    calibrate_activations(model, batches)
-    report = {}
-    for name, layer in tqdm(layers, desc=f"PTQ ({method})", disable=not progress):
+
+def quantize_at_load(model: nn.Module, config: ADQConfig, progress: bool = True) -> nn.Module:
+    """Calibration at load (``ADQConfig.ptq``): block-by-block PTQ of a model just quantized from float
+    weights, on ``config.calibration_dataset`` (text through ``config.tokenizer``, by default the
+    checkpoint's own). The data and tokenizer references are dropped from the config afterwards."""
+    if config.ptq is None:
+        return model
+    data = config.calibration_dataset
+    if data is None:
+        raise ValueError(f"ADQConfig.ptq={config.ptq!r} runs PTQ while loading float weights and needs "
+                         "calibration_dataset= (batches, a list of strings or a datasets.Dataset).")
+    tokenizer = config.tokenizer
+    if tokenizer is None and _is_text(data):
+        source = getattr(model, "name_or_path", None)
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as err:
+            raise ValueError(f"the calibration data is text and no tokenizer was given; loading one from {source!r} "
+                             f"failed ({err}): pass ADQConfig(tokenizer=...).") from None
+    quantize(model, data, config=None, method=config.ptq, tokenizer=tokenizer, progress=progress)
+    config.calibration_dataset = config.tokenizer = None
+    return model
+
+
+def _is_text(data) -> bool:
+    from .calibration import _is_dataset
+
+    if _is_dataset(data):
+        return "input_ids" not in data.column_names
+    return isinstance(data, (list, tuple)) and bool(data) and isinstance(data[0], str)
+
+
+class _PTQRun:
+    """One PTQ run: the model, its calibration batches and the solver settings, layer by layer or block by block."""
+
+    def __init__(self, model, batches, method, damp, options, progress):
+        self.model, self.batches, self.method, self.damp, self.options = model, batches, method, damp, options
+        self.progress = progress
+        self.report: Dict[str, dict] = {}
+        self.plan_summary: Dict[str, object] = {}
+
+    def prepare(self, config) -> None:
+        model, batches = self.model, self.batches
+        with torch.no_grad():
+            _run(model, batches[0])  # a clear error before any work if it does not fit
+        if not any(is_quantized_layer(m) for m in model.modules()):
+            if config is None:
+                raise ValueError("the model is not quantized: pass an ADQConfig (or quantize_model it first).")
+            quantize_model(model, config, calibration_data=batches)
+        elif config is not None and config != getattr(model, "quantization_config", config):
+            raise ValueError("the model is already quantized with another config; pass config=None to use its own.")
+        self.layers = _forward_order(model, batches[0])
+        calibrate_activations(model, batches)
+
+    def solve_layer(self, name: str, layer: nn.Module, hessian: Callable[[], torch.Tensor]) -> None:
+        """PTQ of one layer from ``hessian()``; layers whose Hessian is not their weight's stay at RTN."""
         if not _supported(layer):
             warnings.warn(f"PTQ: {name} ({type(layer).__name__}) is left at round-to-nearest; its forward "
-                          "transforms the weight or pads dynamically.", stacklevel=3)
+                          "transforms the weight or pads dynamically.", stacklevel=4)
             cols = layer.latent_weight()[0].numel()
-            report[name] = quantize_layer(layer, torch.eye(cols, dtype=torch.float64), "rtn")
+            self.report[name] = quantize_layer(layer, torch.eye(cols, dtype=torch.float64), "rtn")
+        else:
+            self.report[name] = quantize_layer(layer, hessian(), self.method, self.damp, **self.options)
+
+    def quantize_layers_alone(self, layers, desc: str) -> None:
+        """Each layer from a Hessian of the whole model run up to it (the path without blocks)."""
+        from tqdm.auto import tqdm
+
+        for name, layer in tqdm(layers, desc=desc, disable=not self.progress or not layers):
+            self.solve_layer(name, layer, lambda layer=layer: collect_hessian(self.model, layer, self.batches))
+
+    def quantize(self, blockwise: bool, resume_dir: Optional[str]) -> None:
+        plan = plan_blocks(self.model, [m for _, m in self.layers], self.batches[0]) if blockwise else \
+            BlockPlan(reason="blockwise=False")
+        self.plan_summary = {"blockwise": bool(plan.blocks), "blocks": len(plan.blocks), "reason": plan.reason,
+                             "shared_arguments": plan.shared_arguments if plan.blocks else None}
+        if not plan.blocks:
+            if resume_dir is not None:
+                raise ValueError(f"resume_dir needs block-by-block PTQ, which this model cannot use: {plan.reason}.")
+            self.quantize_layers_alone(self.layers, f"PTQ ({self.method})")
+            return
+        self.quantize_by_blocks(plan, resume_dir)
+
+    def quantize_by_blocks(self, plan: BlockPlan, resume_dir: Optional[str]) -> None:
+        from tqdm.auto import tqdm
+
+        block_of = {id(m): i for i, (_, block) in enumerate(plan.blocks) for m in block.modules()}
+        first = next(k for k, (_, layer) in enumerate(self.layers) if id(layer) in block_of)
+        before = [(n, m) for n, m in self.layers[:first] if id(m) not in block_of]
+        after = [(n, m) for n, m in self.layers[first:] if id(m) not in block_of]
+        saved = _Progress(resume_dir, self) if resume_dir is not None else None
+        start = saved.restore() if saved is not None else 0
+        if start == 0:
+            self.quantize_layers_alone(before, f"PTQ ({self.method}) before the blocks")
+        inputs = capture_inputs(self.model, plan, self.batches, start, [token_mask(b) for b in self.batches])
+        bar = tqdm(range(start, len(plan.blocks)), desc=f"PTQ ({self.method}) by block", disable=not self.progress)
+        current = start
+        try:
+            for current in bar:
+                name, block = plan.blocks[current]
+                bar.set_postfix_str(name)
+                layers = [(n, m) for n, m in self.layers if block_of.get(id(m)) == current]
+                self.quantize_block(plan, current, layers, inputs)
+                with torch.no_grad():
+                    for item in inputs:
+                        item.advance(plan, current)
+                for _, layer in layers:
+                    layer.clear_decoded_weight()  # the block is done: free its decoded weights
+                if saved is not None:
+                    saved.save(current + 1)
+        except KeyboardInterrupt:
+            done = f"{current} of {len(plan.blocks)} blocks are PTQ'd" if current else "no block is PTQ'd yet"
+            hint = (f"run again with resume_dir={resume_dir!r} to continue from block {current + 1}" if saved is not None
+                    else "pass resume_dir= to be able to continue an interrupted run")
+            raise PTQInterrupted(f"PTQ ({self.method}) was interrupted in block {current + 1} ({plan.blocks[current][0]}): "
+                                 f"{done}, the rest keep their round-to-nearest weights, so this is not a PTQ result; "
+                                 f"{hint}.") from None
+        self.quantize_layers_alone(after, f"PTQ ({self.method}) after the blocks")
+
+    @torch.no_grad()
+    def quantize_block(self, plan: BlockPlan, index: int, layers, inputs: List[BlockInput]) -> None:
+        """Layers of one block in forward order; those fed the same tensor share one Hessian pass."""
+        for group in _input_groups(plan, index, layers, inputs[0]):
+            supported = [m for _, m in group if _supported(m)]
+            with HessianHooks(supported) as hooks:
+                if supported:
+                    for item in inputs:
+                        hooks.run(lambda item=item: item.run(plan, index), item.mask)
+            for name, layer in group:
+                self.solve_layer(name, layer, lambda layer=layer: hooks.hessian(layer))
+
+
+@torch.no_grad()
+def _input_groups(plan: BlockPlan, index: int, layers, item: BlockInput) -> List[List]:
+    """``layers`` (forward order) in runs of consecutive layers fed the same input tensor."""
+    wanted = {id(m): (n, m) for n, m in layers}
+    calls, handles = [], []
+    for _, layer in layers:
+        handles.append(layer.register_forward_pre_hook(lambda m, a: calls.append((id(m), id(a[0])))))
+    try:
+        item.run(plan, index)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups, last_input, seen = [], None, set()
+    for module_id, input_id in calls:
+        if module_id in seen:
             continue
-        report[name] = quantize_layer(layer, collect_hessian(model, layer, batches), method, damp, **options)
-    if bn_reestimate:
-        reestimate_batchnorm(model, batches)
-    return report
+        seen.add(module_id)
+        if groups and input_id == last_input:
+            groups[-1].append(wanted[module_id])
+        else:
+            groups.append([wanted[module_id]])
+        last_input = input_id
+    groups += [[wanted[i]] for i in wanted if i not in seen]  # not reached on this batch: alone, at the end
+    return groups
+
+
+class _Progress:
+    """Block-by-block PTQ progress in ``directory/ptq_progress.safetensors``: the state of every quantized
+    layer (latent weight and quantizer) after the last finished block, and a fingerprint of the run."""
+
+    FILE = "ptq_progress.safetensors"
+
+    def __init__(self, directory: str, run: "_PTQRun"):
+        import hashlib
+        import json
+        import os
+
+        self.path = os.path.join(directory, self.FILE)
+        self.model = run.model
+        os.makedirs(directory, exist_ok=True)
+        digest = hashlib.sha256(json.dumps({
+            "method": run.method, "damp": run.damp, "options": repr(sorted(run.options.items())),
+            "config": getattr(self.model, "quantization_config", None) and self.model.quantization_config.to_dict(),
+            "layers": [n for n, _ in run.layers]}, sort_keys=True).encode())
+        for batch in run.batches:
+            for tensor in _tensors(batch):
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.fingerprint = digest.hexdigest()
+        self.state_keys = [k for n, _ in run.layers for k in self.model.get_submodule(n).state_dict(prefix=n + ".")]
+
+    def restore(self) -> int:
+        """Load a matching earlier run's state; the number of blocks it finished (0: start afresh)."""
+        import os
+
+        from safetensors import safe_open
+
+        if not os.path.isfile(self.path):
+            return 0
+        with safe_open(self.path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("fingerprint") != self.fingerprint:
+                raise ValueError(f"{self.path} belongs to another PTQ run (model, config, method, options or calibration "
+                                 "data differ): delete it or pass another resume_dir.")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        self.model.load_state_dict(state, strict=False)
+        return int(meta["blocks_done"])
+
+    def save(self, blocks_done: int) -> None:
+        import os
+
+        from safetensors.torch import save_file
+
+        state = self.model.state_dict()
+        tensors = {k: state[k].detach().cpu().contiguous() for k in self.state_keys}
+        tmp = self.path + ".tmp"
+        save_file(tensors, tmp, metadata={"fingerprint": self.fingerprint, "blocks_done": str(blocks_done)})
+        os.replace(tmp, self.path)
+
+
+def _tensors(batch):
+    if torch.is_tensor(batch):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for value in batch.values():
+            yield from _tensors(value)
+    elif isinstance(batch, (tuple, list)):
+        for value in batch:
+            yield from _tensors(value)
 
 
 @torch.no_grad()
@@ -399,7 +661,7 @@ def _forward_order(model: nn.Module, batch) -> List:
     for name, layer in quantized_layers(model):
         handles.append(layer.register_forward_pre_hook(lambda m, a, n=name: seen.append((n, m))))
     try:
-        _run(model, batch, next(model.parameters()).device)
+        _run(model, batch)
     finally:
         for h in handles:
             h.remove()

@@ -94,8 +94,18 @@ def b4(result: dict) -> List[str]:
     for name, r in ratio.items():
         if name != "fp":
             lines.append(f"| {name} | {r:.2f}x | {params[name]:,} ({100 * params[name] / result['fp_params']:.2f}%) |")
-    lines += ["", f"Mixed-precision planning for 2.8 bits on one batch: Hutchinson sensitivity {mp['sensitivity']:.1f} s, "
-              f"MILP allocation {mp['allocation']:.2f} s."]
+    sens = result.get("sensitivity")
+    if sens is None:  # results from before the Gauss-Newton estimator
+        lines += ["", f"Mixed-precision planning for 2.8 bits on one batch: Hutchinson sensitivity {mp['sensitivity']:.1f} s, "
+                  f"MILP allocation {mp['allocation']:.2f} s."]
+        return lines
+    seconds, rho, differ = sens["seconds"], sens["spearman"], sens["allocation_layers_differing"]
+    lines += ["", f"Mixed-precision planning for 2.8 bits on one batch of {sens['batch']} ({sens['model']}): Gauss-Newton "
+              f"sensitivity {seconds['ggn']:.1f} s against Hutchinson's {seconds['hutchinson']:.1f} s "
+              f"({sens['time_ratio_hutchinson_to_ggn']:.0f}x); Spearman rank correlation with the exact per-layer trace "
+              f"{rho['ggn~exact']:.3f} (Hutchinson {rho['hutchinson~exact']:.3f}), with Hutchinson {rho['ggn~hutchinson']:.3f}; "
+              f"the 2.8-bit allocation differs from the exact trace's in {differ['ggn~exact']} of {sens['layers']} layers "
+              f"(Hutchinson's in {differ['hutchinson~exact']}); MILP allocation {mp['allocation']:.2f} s."]
     return lines
 
 

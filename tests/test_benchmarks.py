@@ -16,6 +16,11 @@ def test_step_time_quick_tier(tmp_path):
     assert set(result["median_step_s"]) == set(step_time.METHODS)
     assert result["ratio_to_fp"]["fp"] == 1.0 and all(v > 0 for v in result["median_step_s"].values())
     assert (tmp_path / "step_time_quick.md").read_text().startswith("| method")
+    sens = result["sensitivity"]
+    assert set(sens["seconds"]) == {"ggn", "hutchinson", "exact"} and sens["time_ratio_hutchinson_to_ggn"] > 0
+    assert all(-1 <= rho <= 1 for rho in sens["spearman"].values())
+    assert all(set(bits) == set(sens["values"]["exact"]) for bits in sens["allocations"].values())
+    assert "| ggn |" in (tmp_path / "step_time_quick.md").read_text()
 
 
 def test_qat_accuracy_quick_tier(tmp_path, monkeypatch):
@@ -56,6 +61,22 @@ def test_ptq_quick_tier(tmp_path):
             assert row["wall_s"] > 0 and row["recon_error"] >= 0
     assert all(0 <= r["top1"] <= 1 for r in result["rows"] if "top1" in r)
     assert "| resnet20 | 3 | obq |" in (tmp_path / "ptq_quick.md").read_text()
+
+
+def test_scale_quick_tier(tmp_path):
+    import scale
+
+    assert scale.main(["--tier", "quick", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
+    result = json.load(open(tmp_path / "scale_quick.json"))
+    rows = result["rows"]
+    assert set(rows) == set(scale.ROWS) and result["shape"]["tie_word_embeddings"]
+    assert rows["hqq_w4_g64"]["layers"] == 2 * 7  # every Linear of the 2 decoder layers; the tied head stays float
+    assert rows["adq_w4_per_channel"]["layers"] >= 2 * 7
+    for name in ("float", "adq_w4_per_channel", "adq_w4_per_tensor", "hqq_w4_g64"):
+        assert rows[name]["forward_s"] > 0 and rows[name]["peak_mb"] > 0
+    for name in ("ptq_gptq", "ptq_sa"):
+        assert rows[name]["ptq_s"] > 0 and rows[name]["ptq_plan"]["blockwise"] and rows[name]["ptq_tokens"] == 4 * 32
+    assert "| adq_w4_per_channel |" in (tmp_path / "scale_quick.md").read_text()
 
 
 def test_readme_results_block_is_generated_from_the_committed_results(tmp_path):

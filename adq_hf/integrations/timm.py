@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import ADQConfig
 from ..serialization import WEIGHTS_NAME, CheckpointError, load_file, save_file
+from ..ptq import quantize_at_load
 from ..quantize import quantize_model
 
 _timm_create_model = timm.models._factory.create_model
@@ -101,7 +102,10 @@ def create_model(
     if saved_config is None:
         model = _timm_create_model(model_name, pretrained=bool(pretrained), **kwargs)
         if quantization_config is not None:
-            quantize_model(model, _as_config(quantization_config))
+            config = _as_config(quantization_config)
+            quantize_model(model, config)
+            if config.ptq is not None:
+                quantize_at_load(model, config)
         return model
     if quantization_config is not None and _as_config(quantization_config) != saved_config:
         warnings.warn(

@@ -17,6 +17,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from ..config import QUANT_METHOD, ADQConfig
 from ..nn import quantized_layers
 from ..packing import packed_size, unpack_codes
+from ..ptq import quantize_at_load
 from ..serialization import CODES_SUFFIX, CheckpointError, quantized_state_dict
 from ..quantize import quantize_model
 from ..surgery import register_post_convert_hook
@@ -66,6 +67,8 @@ class ADQHfQuantizer(HfQuantizer):
                 layer.weight_quantizer.init_from(layer.latent_weight())
                 if layer.input_quantizer is not None:
                     layer.input_quantizer.initialized.fill_(False)
+        if not self.pre_quantized and self.quantization_config.ptq is not None:
+            quantize_at_load(model, self.quantization_config)  # calibration at load (ADQConfig.ptq)
         return model
 
     def get_state_dict_and_metadata(self, model):

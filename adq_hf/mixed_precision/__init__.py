@@ -20,7 +20,8 @@ from .allocation import (
     quantization_error,
 )
 from .report import write_report
-from .sensitivity import default_loss, estimate_sensitivity, exact_layer_traces, weight_layers
+from .sensitivity import (default_loss, estimate_sensitivity, exact_gauss_newton_traces, exact_layer_traces,
+                          weight_layers)
 
 
 class BitAllocation(dict):
@@ -37,8 +38,8 @@ def plan_mixed_precision(
     config,
     calibration_data: Iterable,
     candidates=DEFAULT_CANDIDATES,
-    method: str = "hutchinson",
-    max_iters: int = 50,
+    method: Optional[str] = None,
+    max_iters: Optional[int] = None,
     progress: bool = False,
     loss_fn=None,
 ) -> BitAllocation:
@@ -49,7 +50,8 @@ def plan_mixed_precision(
     and last layer (at ``first_layer_bits``/``last_layer_bits``) and layers matched by an explicit
     ``config.layer_bits`` entry keep their bits and count in the average; float layers do not count.
     Every batch of ``calibration_data`` is used for the sensitivity (pass a few: the recipe passes 4);
-    ``loss_fn`` replaces ``default_loss`` (see ``estimate_sensitivity``).
+    ``loss_fn`` replaces ``default_loss``; ``method`` and ``max_iters`` go to ``estimate_sensitivity``
+    (default: the Gauss-Newton estimator, Hutchinson with a ``loss_fn``).
     """
     from ..surgery import plan_quantization
 
@@ -79,6 +81,7 @@ __all__ = [
     "candidate_stats",
     "default_loss",
     "estimate_sensitivity",
+    "exact_gauss_newton_traces",
     "exact_layer_traces",
     "layer_bytes",
     "lut_bytes",

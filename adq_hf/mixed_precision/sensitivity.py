@@ -1,5 +1,7 @@
-"""Per-layer sensitivity: the Hessian trace of the loss per weight (Hutchinson, as HAWQ-V2/V3),
-or the mean squared gradient (Fisher) as the cheap alternative. Both normalised per parameter.
+"""Per-layer sensitivity: the curvature trace of the loss per weight, normalised per parameter.
+Gauss-Newton traces from plain backward passes (``"ggn"``, the default, ``gauss_newton.py``), the
+Hessian trace by Hutchinson's estimator with double backward (HAWQ-V2/V3; the previous default, 20x
+slower on ResNet-20: docs/mixed_precision.md), or the mean squared gradient (Fisher).
 
 The layers are every ``nn.Linear``/``nn.Conv2d`` with a weight (for an already quantized layer, its
 latent float weight: the straight-through estimator makes the Hessian the one at the quantized
@@ -18,8 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..surgery import model_inputs
+from .gauss_newton import LayerTaps, gauss_newton_traces, rademacher
 
-METHODS = ("hutchinson", "fisher")
+METHODS = ("ggn", "hutchinson", "fisher")
+# Probes per batch and the stopping rule of each estimator (``tol``: relative standard error for
+# ggn, relative change of the running mean for hutchinson); docs/mixed_precision.md has the measurements.
+PROBE_DEFAULTS = {"ggn": {"max_iters": 20, "min_iters": 2, "tol": 0.1},
+                  "hutchinson": {"max_iters": 50, "min_iters": 5, "tol": 1e-2}}
 
 
 def weight_layers(model: nn.Module) -> Dict[str, nn.Parameter]:
@@ -43,6 +50,24 @@ def _logits(output) -> torch.Tensor:
     return output[0]  # transformers ModelOutput / tuple: logits or last_hidden_state first
 
 
+def _forward(model: nn.Module, batch, pass_labels: bool):
+    """Run ``model`` on a batch: ``(output, labels, labels_passed)``. Labels come from ``(inputs,
+    labels)`` tuples or a dict's ``labels``/``label``; with ``pass_labels`` they go to a forward that
+    takes ``labels`` (transformers heads compute their own loss)."""
+    args, kwargs = model_inputs(batch)
+    device = next(model.parameters()).device
+    args = tuple(_to_device(a, device) for a in args)
+    kwargs = {k: _to_device(v, device) for k, v in kwargs.items()}
+    labels = None
+    if isinstance(batch, Mapping) and ("labels" in batch or "label" in batch):
+        labels = _to_device(batch["labels"] if "labels" in batch else batch["label"], device)
+        if pass_labels and "labels" in inspect.signature(model.forward).parameters:
+            kwargs["labels"] = labels
+    elif isinstance(batch, (tuple, list)) and len(batch) > 1:
+        labels = _to_device(batch[1], device)
+    return model(*args, **kwargs), labels, "labels" in kwargs
+
+
 def default_loss(model: nn.Module, batch, gauss_newton: bool = False) -> torch.Tensor:
     """The loss the sensitivity is taken of, by batch type:
 
@@ -56,19 +81,8 @@ def default_loss(model: nn.Module, batch, gauss_newton: bool = False) -> torch.T
       distortion, which is what quantizing a weight perturbs; without (Fisher needs a gradient)
       ``0.5 * mean(y**2)``, whose Hessian adds a residual term ``sum y * d2y`` to ``J^T J / N``.
     """
-    args, kwargs = model_inputs(batch)
-    device = next(model.parameters()).device
-    args = tuple(_to_device(a, device) for a in args)
-    kwargs = {k: _to_device(v, device) for k, v in kwargs.items()}
-    labels = None
-    if isinstance(batch, Mapping) and ("labels" in batch or "label" in batch):
-        labels = _to_device(batch["labels"] if "labels" in batch else batch["label"], device)
-        if "labels" in inspect.signature(model.forward).parameters:
-            kwargs["labels"] = labels
-    elif isinstance(batch, (tuple, list)) and len(batch) > 1:
-        labels = _to_device(batch[1], device)
-    output = model(*args, **kwargs)
-    if "labels" in kwargs and getattr(output, "loss", None) is not None:
+    output, labels, labels_passed = _forward(model, batch, pass_labels=True)
+    if labels_passed and getattr(output, "loss", None) is not None:
         return output.loss
     if labels is not None:
         logits = _logits(output)
@@ -111,23 +125,34 @@ def estimate_sensitivity(
     model: nn.Module,
     dataloader: Iterable,
     loss_fn: Optional[Callable[[nn.Module, object], torch.Tensor]] = None,
-    method: str = "hutchinson",
+    method: Optional[str] = None,
     num_batches: int = 1,
-    max_iters: int = 50,
-    tol: float = 1e-2,
+    max_iters: Optional[int] = None,
+    tol: Optional[float] = None,
     seed: int = 0,
     progress: bool = True,
     layers: Optional[List[str]] = None,
-    min_iters: int = 5,
+    min_iters: Optional[int] = None,
 ) -> Dict[str, float]:
-    """Per-layer sensitivity ``{layer name: value}`` of every Linear/Conv2d weight (or of ``layers``).
+    """Per-layer sensitivity ``{layer name: value}`` of every Linear/Conv2d weight (or of ``layers``):
+    a trace of the loss curvature with respect to the layer's weight, divided by its ``n_i``
+    parameters, averaged over the first ``num_batches`` batches.
 
-    ``"hutchinson"`` (default): ``Tr(H_i) / n_i``, ``H_i`` the Hessian of the loss w.r.t. layer
-    ``i``'s weight (``n_i`` parameters), estimated as the mean of ``v^T H_i v`` over Rademacher probes
-    ``v`` (Hessian-vector products by double backward, all layers per backward pass), averaged over
-    the first ``num_batches`` batches. Per batch the probes stop after ``max_iters``, or earlier
-    (after at least ``min_iters``) once the last probe moved the layers' running means by less than
-    ``tol`` relative to their values (the mean over layers of ``|new - old| / |old|``).
+    ``method`` (default ``"ggn"``, or ``"hutchinson"`` when a ``loss_fn`` is given):
+    ``"ggn"``: ``Tr(J_i^T H_y J_i) / n_i``, the Gauss-Newton trace, as the mean over output
+    probes ``v`` (``E[v v^T] = H_y``, the loss Hessian at the output) of the per-sample squared weight
+    gradients of ``<y, v>``: one plain backward per probe (``gauss_newton``). For ReLU networks
+    (ResNets) each layer's Hessian block equals its Gauss-Newton block, so this is Hutchinson's
+    quantity; for the label-free default loss it is exactly the Hessian Hutchinson uses.
+    Per batch the probes stop after ``max_iters`` (default 20) or, after ``min_iters`` (default 2),
+    once every layer's relative standard error over the probes is <= ``tol`` (default 0.1).
+    Works with ``default_loss`` only (no ``loss_fn``).
+    ``"hutchinson"``: ``Tr(H_i) / n_i``, ``H_i`` the Hessian of the loss w.r.t. layer ``i``'s weight,
+    estimated as the mean of ``v^T H_i v`` over Rademacher probes ``v`` (Hessian-vector products by
+    double backward, all layers per backward pass). Per batch the probes stop after ``max_iters``
+    (default 50), or earlier (after at least ``min_iters``, default 5) once the last probe moved the
+    layers' running means by less than ``tol`` (default 0.01) relative to their values (the mean over
+    layers of ``|new - old| / |old|``).
     ``"fisher"``: ``mean(grad**2)`` per layer, one backward per batch (the empirical Fisher diagonal).
 
     ``loss_fn(model, batch) -> scalar`` (default: ``default_loss``: cross-entropy for
@@ -136,13 +161,23 @@ def estimate_sensitivity(
     so the result does not depend on the device or global RNG state. The model runs in eval mode and
     is put back in its mode afterwards; ``requires_grad`` flags are restored.
     """
+    if method is None:
+        method = "ggn" if loss_fn is None else "hutchinson"
     if method not in METHODS:
         raise ValueError(f"method={method!r} is invalid: expected one of {list(METHODS)}.")
+    defaults = PROBE_DEFAULTS.get(method, PROBE_DEFAULTS["hutchinson"])
+    max_iters = defaults["max_iters"] if max_iters is None else max_iters
+    min_iters = defaults["min_iters"] if min_iters is None else min_iters
+    tol = defaults["tol"] if tol is None else tol
     for name, value, low in (("num_batches", num_batches, 1), ("max_iters", max_iters, 1), ("min_iters", min_iters, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}.")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
         raise ValueError(f"tol={tol!r} is invalid: expected a number >= 0.")
+    if method == "ggn" and loss_fn is not None:
+        raise ValueError("method='ggn' takes the curvature of default_loss from the model output (cross-entropy on "
+                         "logits, or the label-free Gauss-Newton loss); a custom loss_fn needs method='hutchinson' "
+                         "(or 'fisher').")
     loss_fn = functools.partial(default_loss, gauss_newton=method == "hutchinson") if loss_fn is None else _wrap_loss(loss_fn)
     all_layers = weight_layers(model)
     if not all_layers:
@@ -165,6 +200,9 @@ def estimate_sensitivity(
     bar = _bar(progress, len(batches) * (1 if method == "fisher" else max_iters), f"sensitivity ({method})")
     try:
         for batch in batches:
+            if method == "ggn":
+                totals += _gauss_newton(model, batch, names, params, generator, max_iters, min_iters, tol, bar)
+                continue
             with _twice_differentiable_attention():
                 loss = loss_fn(model, batch)
             if not (torch.is_tensor(loss) and loss.numel() == 1 and loss.requires_grad):
@@ -196,9 +234,18 @@ def _sq(g: Optional[torch.Tensor]) -> float:
     return 0.0 if g is None else float(g.detach().double().pow(2).sum())
 
 
-def _rademacher(param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    signs = torch.randint(0, 2, param.shape, generator=generator, dtype=torch.int8) * 2 - 1
-    return signs.to(param.device, param.dtype)
+def _gauss_newton(model, batch, names, params, generator, max_iters, min_iters, tol, bar, exact=False) -> torch.Tensor:
+    """One batch of ``method="ggn"`` (``gauss_newton.gauss_newton_traces``)."""
+    modules = dict(model.named_modules())
+    layer_modules = [modules[n] for n in names]
+    with LayerTaps(dict(enumerate(layer_modules))) as taps:
+        output, labels, _ = _forward(model, batch, pass_labels=False)
+    y = _logits(output)
+    if not (torch.is_tensor(y) and y.requires_grad):
+        raise ValueError("method='ggn' needs a model output (a tensor, .logits or the first output) that depends on "
+                         "the layer weights.")
+    return gauss_newton_traces(y, labels, layer_modules, params, taps, generator, max_iters, min_iters, tol, bar,
+                               exact=exact)
 
 
 def _hutchinson(loss, params, generator, max_iters, min_iters, tol, bar) -> torch.Tensor:
@@ -208,7 +255,7 @@ def _hutchinson(loss, params, generator, max_iters, min_iters, tol, bar) -> torc
     previous: Optional[torch.Tensor] = None
     done = 0
     for it in range(1, max_iters + 1):
-        probes = [_rademacher(p, generator) for p in params]  # drawn for every layer: same stream always
+        probes = [rademacher(p, generator) for p in params]  # drawn for every layer: same stream always
         if live:
             hv = torch.autograd.grad([grads[i] for i in live], [params[i] for i in live],
                                      grad_outputs=[probes[i] for i in live], retain_graph=True, allow_unused=True)
@@ -265,3 +312,25 @@ def exact_layer_traces(model: nn.Module, batch, loss_fn=None) -> Tuple[Dict[str,
     finally:
         model.train(was_training)
     return traces, sizes
+
+
+def exact_gauss_newton_traces(model: nn.Module, batch, layers: Optional[List[str]] = None) -> Dict[str, float]:
+    """Exact per-layer ``Tr(J_i^T H_y J_i) / n_i`` of a classification batch ``(inputs, labels)`` (or a
+    dict with labels): per-sample squared gradients of each column of the cross-entropy root, one
+    backward per class. For ReLU networks this is the exact per-layer Hessian trace too (validation:
+    the reference the B4 benchmark compares both estimators with)."""
+    all_layers = weight_layers(model)
+    names = list(all_layers) if layers is None else list(layers)
+    params = [all_layers[n] for n in names]
+    was_training = model.training
+    model.eval()
+    requires = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        totals = _gauss_newton(model, batch, names, params, None, 1, 1, 0.0, _bar(False, 1, ""), exact=True)
+    finally:
+        for p, r in zip(params, requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+    return {n: float(t) / p.numel() for n, t, p in zip(names, totals, params)}
