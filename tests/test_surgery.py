@@ -1,7 +1,6 @@
 """quantize_model on real timm models: which layers, at which bits, exact math of timm's own convs,
 and the timm integration (create_model with quantization_config)."""
 
-
 import pytest
 import timm
 import torch
