@@ -164,3 +164,20 @@ def test_device_map_and_sharded_checkpoints(device_map, tmp_path):
     reloaded = case.auto.from_pretrained(tmp_path / "sharded", device_map=device_map)
     assert len(adq_hf.quantized_layers(reloaded)) == len(adq_hf.quantized_layers(model))
     assert torch.equal(logits(reloaded, batch), expected)
+
+
+def test_a_float_checkpoint_that_also_stores_the_tied_copy_loads_cleanly(tmp_path):
+    """Older checkpoints store the tied LM head's weight too: adq_hf ties it to the embedding itself, so
+    that copy is neither loaded nor reported as unexpected."""
+    from safetensors.torch import load_file, save_file
+
+    case = ZOO["gpt2"]
+    path = save_tiny("gpt2", tmp_path / "float")
+    state = load_file(os.path.join(path, "model.safetensors"))
+    state["lm_head.weight"] = state["transformer.wte.weight"].clone()
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    model, info = case.auto.from_pretrained(path, quantization_config=ADQConfig(weight_bits=4, embedding_bits=4),
+                                            output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    assert model.lm_head.tied_to is model.transformer.wte
+    assert model.lm_head.latent_weight() is model.transformer.wte.latent_weight()

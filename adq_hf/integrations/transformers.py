@@ -37,6 +37,7 @@ class ADQHfQuantizer(HfQuantizer):
         quantize_model(model, config, init_from_weights=False)
         # Keys this quantizer fills in itself after loading: not "missing" for transformers' report.
         ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+        unexpected = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
         for name, layer in quantized_layers(model):
             weight = layer._parameters.pop("weight")  # (_parameters: a quantized subclass may have a weight property)
             layer.__dict__["_adq_float_weight"] = (tuple(weight.shape), weight.dtype)
@@ -44,6 +45,7 @@ class ADQHfQuantizer(HfQuantizer):
                 ignore.add(rf"(^|\.){re.escape(name)}\.(weight_quantizer|input_quantizer)\.")
             if layer.tied_to is not None:  # computes with its owner's weight: tied again after loading
                 layer._is_hf_initialized = True  # nothing of its own for transformers to initialise
+                unexpected.add(rf"(^|\.){re.escape(name)}\.weight$")  # a checkpoint may hold the tied copy too
             elif self.pre_quantized:
                 # The checkpoint stores packed uint8 codes under ``weight``: hold them in a buffer of
                 # that shape while transformers loads, and turn them back into the float weight after.
@@ -52,6 +54,7 @@ class ADQHfQuantizer(HfQuantizer):
             else:
                 layer._parameters["weight"] = weight
         model._keys_to_ignore_on_load_missing = sorted(ignore)
+        model._keys_to_ignore_on_load_unexpected = unexpected  # (a set: transformers unions it with one)
         _untie_quantized(model)
         _float_weights_while_initialising(model)
         return model
