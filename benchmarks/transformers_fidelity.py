@@ -8,6 +8,8 @@ Every quantized row is loaded with ``AutoModel.from_pretrained(path, quantizatio
 packs it through adq_hf's transformers quantizer. Rows:
 
 * ``w4``, ``w3``, ``w2``: the codebooks as ``from_pretrained`` initialises them (weight quantiles, no data).
+* ``w4_emb4``, ``w4_emb8``: ``w4`` with the word/position/type embeddings quantized too
+  (``embedding_bits``; per-channel: one codebook per token row).
 * ``mixed3.5``: ``from_pretrained`` gets no calibration data (``target_avg_bits`` alone raises there),
   so the bits are allocated first on the FP model (``plan_mixed_precision``: sensitivity on
   calibration sentences, then the exact allocation) and passed to ``from_pretrained`` as ``layer_bits``.
@@ -52,11 +54,14 @@ class Row:
     kind: str  # the builder below: "fp", "load", "mixed", "ptq" or "qat"
     bits: Optional[float] = None  # weight bits; for "mixed" the average-bit budget
     method: str = ""  # PTQ solver; for "mixed": "residual" = sensitivity of 0.5 * mean(y**2) instead of Gauss-Newton
+    embedding_bits: Optional[int] = None  # "load": the embeddings' bits (None: float)
 
 
 ROWS = {
     "fp": Row("fp"),
     "w4": Row("load", 4),
+    "w4_emb4": Row("load", 4, embedding_bits=4),
+    "w4_emb8": Row("load", 4, embedding_bits=8),
     "w3": Row("load", 3),
     "w2": Row("load", 2),
     "mixed3.5": Row("mixed", 3.5),
@@ -68,7 +73,7 @@ ROWS = {
 TIERS = {
     "quick": {"calib_sentences": 16, "eval_sentences": 32, "batch_size": 16, "sensitivity": "fisher",
               "sensitivity_batches": 1, "probes": 1, "qat_steps": 5, "qat_lr": 1e-5,
-              "rows": ["fp", "w4", "w3", "mixed3.5", "ptq_gptq_w3", "ptq_sa_w3", "qat_w3"]},
+              "rows": ["fp", "w4", "w4_emb4", "w3", "mixed3.5", "ptq_gptq_w3", "ptq_sa_w3", "qat_w3"]},
     "standard": {"calib_sentences": 256, "eval_sentences": 128, "batch_size": 32, "sensitivity": "hutchinson",
                  "sensitivity_batches": 1, "probes": 50, "qat_steps": 200, "qat_lr": 1e-5, "rows": list(ROWS)},
 }
@@ -116,7 +121,9 @@ def build_fp(row: Row, setup: Setup):
 
 
 def build_load(row: Row, setup: Setup):
-    return setup.quantized_model(weight_only(weight_bits=row.bits)), {"how": f"from_pretrained, W{row.bits}"}
+    how = f"from_pretrained, W{row.bits}" + (f", embeddings {row.embedding_bits}-bit" if row.embedding_bits else "")
+    config = weight_only(weight_bits=row.bits, embedding_bits=row.embedding_bits)
+    return setup.quantized_model(config), {"how": how, "embedding_bits": row.embedding_bits}
 
 
 def residual_proxy(model, batch):
@@ -234,7 +241,8 @@ def markdown(result: dict) -> List[str]:
         lines.append(f"| {name} | {r['how']} | {r['avg_weight_bits']:.2f} | {r['cosine']:.4f} | "
                      f"{r['cosine_min']:.4f} | {r['reloaded_cosine']:.4f} | {r['checkpoint_bytes'] / MB:.2f} | {ratio} | {r['wall_s']:.0f} |")
     lines += ["", f"The word/position/type embeddings ({result['float_embedding_bytes'] / MB:.1f} MB of FP32) stay "
-              "float in every checkpoint; only the Linear layers are quantized. MB = 10^6 bytes."]
+              "float in every checkpoint but the `_emb` rows (`embedding_bits`); average bits count them only "
+              "there. MB = 10^6 bytes."]
     if result["resumed_rows"]:
         lines.append(f"Rows reused from an earlier invocation (their own commit and time are in the JSON): "
                      f"{', '.join(result['resumed_rows'])}.")

@@ -142,6 +142,8 @@ def test_half_precision_quantize_train_save_reload(option, dtype, tmp_path):
         reloaded = case.auto.from_pretrained(tmp_path / "half", **reload_options)
         assert reloaded.model.layers[0].self_attn.q_proj.weight_quantizer.codebook.dtype == torch.float32
         assert torch.equal(logits(reloaded, batch), expected)
+    adq_hf.convert_for_inference(reloaded)
+    assert torch.equal(logits(reloaded, batch), expected)
 
 
 @pytest.mark.parametrize("device_map", ["cpu", "auto"])

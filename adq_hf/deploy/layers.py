@@ -108,7 +108,7 @@ class DeployedLayerMixin(QuantizedLayerMixin):
             if self.__dict__.get("_exporting"):
                 raise NotImplementedError(f"ONNX export has no form for {type(quantizer).__name__} here: it must be a "
                                           "calibrated n2uq or lsq quantizer on float32 inputs.")
-            out = quantizer(x)  # uncalibrated (it initialises now), another dtype, or a quantizer without a form
+            out = quantizer(x).to(x.dtype)  # uncalibrated (it initialises now), another dtype, or no deploy form
             if form is None and bool(quantizer.initialized):
                 self.prepare_input_form()  # calibrated by this call: use the deploy form from now on
             return out
