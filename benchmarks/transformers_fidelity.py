@@ -73,7 +73,7 @@ ROWS = {
 TIERS = {
     "quick": {"calib_sentences": 16, "eval_sentences": 32, "batch_size": 16, "sensitivity": "fisher",
               "sensitivity_batches": 1, "probes": 1, "qat_steps": 5, "qat_lr": 1e-5,
-              "rows": ["fp", "w4", "w4_emb4", "w3", "mixed3.5", "ptq_gptq_w3", "ptq_sa_w3", "qat_w3"]},
+              "rows": ["fp", "w4", "w3", "mixed3.5", "ptq_gptq_w3", "ptq_sa_w3", "qat_w3"]},
     "standard": {"calib_sentences": 256, "eval_sentences": 128, "batch_size": 32, "sensitivity": "hutchinson",
                  "sensitivity_batches": 1, "probes": 50, "qat_steps": 200, "qat_lr": 1e-5, "rows": list(ROWS)},
 }

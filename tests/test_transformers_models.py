@@ -183,3 +183,18 @@ def test_a_float_checkpoint_that_also_stores_the_tied_copy_loads_cleanly(tmp_pat
     assert not info["unexpected_keys"] and not info["missing_keys"]
     assert model.lm_head.tied_to is model.transformer.wte
     assert model.lm_head.latent_weight() is model.transformer.wte.latent_weight()
+
+
+def test_quantize_model_after_loading_a_tied_model_saves_once_and_reloads(tmp_path):
+    """quantize_model on a loaded (already tied) model: the same tie, the same checkpoint layout."""
+    case = ZOO["gpt2"]
+    model = case.auto.from_pretrained(save_tiny("gpt2", tmp_path / "float"))
+    adq_hf.quantize_model(model, ADQConfig(weight_bits=3, embedding_bits=4, last_layer_bits=4))
+    assert model.lm_head.tied_to is model.transformer.wte and model.transformer.wte.weight_bits == 4
+    batch = case.inputs(seed=0)
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path / "q")
+    assert "lm_head.weight" not in tensors_in(tmp_path / "q")
+    reloaded = case.auto.from_pretrained(tmp_path / "q")
+    assert reloaded.lm_head.tied_to is reloaded.transformer.wte
+    assert torch.equal(logits(reloaded, batch), expected)
