@@ -72,6 +72,10 @@ class ADQConfig(QuantizationConfigMixin):
         modules_to_not_convert: module names or regexes kept in float (a name also covers its children).
         first_layer_bits / last_layer_bits: bits of the model's first layer (stem conv / patch embed)
             and classifier; ``None`` keeps them in float. Their input quantizer uses the same bits.
+        embedding_bits: bits of ``nn.Embedding`` tables (weight only: their inputs are indices);
+            ``None`` (the default) keeps them in float. A weight tied between layers (an LM head
+            tied to the input embedding) is quantized once, at the highest bits any of its layers
+            gets, and only when none of them stays float (docs/methods.md, "Tied weights").
         granularity: one codebook/step per tensor (``"per_tensor"``) or per output channel (adq, lsq;
             POST always has one scale per output channel).
         codebook_init: ``"quantile"`` (ADQ) or ``"uniform"`` (ablation).
@@ -102,6 +106,7 @@ class ADQConfig(QuantizationConfigMixin):
         modules_to_not_convert: Optional[List[str]] = None,
         first_layer_bits: Optional[int] = 8,
         last_layer_bits: Optional[int] = 8,
+        embedding_bits: Optional[int] = None,
         granularity: str = "per_tensor",
         codebook_init: str = "quantile",
         codebook_init_iters: int = 30,
@@ -134,6 +139,7 @@ class ADQConfig(QuantizationConfigMixin):
         )
         self.first_layer_bits = first_layer_bits
         self.last_layer_bits = last_layer_bits
+        self.embedding_bits = embedding_bits
         self.granularity = granularity
         self.codebook_init = codebook_init
         self.codebook_init_iters = codebook_init_iters
@@ -158,6 +164,7 @@ class ADQConfig(QuantizationConfigMixin):
         _check_bits("activation_bits", self.activation_bits, allow_none=True)
         _check_bits("first_layer_bits", self.first_layer_bits, allow_none=True)
         _check_bits("last_layer_bits", self.last_layer_bits, allow_none=True)
+        _check_bits("embedding_bits", self.embedding_bits, allow_none=True)
         _check_choice("weight_quantizer", self.weight_quantizer, WEIGHT_QUANTIZERS, PLANNED_WEIGHT_QUANTIZERS)
         _check_choice(
             "activation_quantizer", self.activation_quantizer, ACTIVATION_QUANTIZERS, PLANNED_ACTIVATION_QUANTIZERS

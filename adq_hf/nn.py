@@ -5,10 +5,23 @@ A layer does not know which method its quantizers implement; it only calls the i
 hooks, devices and the meta device of transformers' loading are all kept, and the float ``weight``
 stays the trainable latent weight.
 
-timm's forward-overriding subclasses (``Conv2dSame``, ``StdConv2d``, ``ScaledStdConv2d`` and their
-``Same``/export variants) keep their own ``forward``: their quantized class exposes the quantized
-weight as ``self.weight``, so padding and weight standardisation run exactly as before, on the
-quantized weight.
+Layer types (docs/methods.md, "Layer types"): ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``,
+transformers' ``Conv1D`` (GPT-2: a Linear whose weight is stored transposed, ``[in, out]``) and
+``nn.Embedding`` (weight only). Quantizers always see the weight with output channels first
+(:func:`output_major`), so per-channel codebooks follow the output channel of a ``Conv1D`` too and
+the packed codes of every layer are in that layout.
+
+Subclasses: a ``Linear`` subclass with its own ``forward`` is quantized when that forward computes
+``x @ W.T (+ b)``, checked on random inputs the first time the class is met (Falcon's
+``FalconLinear``); timm's forward-overriding convs (``Conv2dSame``, ``StdConv2d``,
+``ScaledStdConv2d`` and their ``Same``/export variants) and ``Embedding`` subclasses with their own
+``forward`` (scaled or offset position/word embeddings) keep that ``forward``: their quantized class
+exposes the quantized weight as ``self.weight``, so padding, weight standardisation, scaling and
+offsets run exactly as before, on the quantized weight.
+
+Tied weights: a layer whose weight is another quantized layer's (an LM head tied to the input
+embedding) is a quantized layer of its own class whose ``weight_quantizer`` and latent weight *are*
+the owner's (:func:`tie_layer`); the owner alone stores codes and quantizer state.
 """
 
 from __future__ import annotations
@@ -18,6 +31,8 @@ from typing import Dict, Optional, Tuple, Type
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from transformers.pytorch_utils import Conv1D
 
 from .quantizers import ActivationQuantizer, WeightQuantizer
 
@@ -37,18 +52,22 @@ class QuantizedLayerMixin:
     decode_cache: bool = True
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight. In eval mode, when no gradient can flow into it (under
+        """The quantized weight in the layer's own layout (what ``self.weight`` is to its float class).
+        A tied layer uses its owner's (and so its owner's cache). In eval mode, when no gradient can flow into it (under
         ``torch.no_grad()``/``inference_mode``, or nothing involved requires grad), it is decoded once
         and reused until the latent weight or the quantizer's state changes (docs/deploy.md)."""
+        owner = self.tied_to
+        if owner is not None:  # same layout (tie_layer checks it)
+            return owner.quantized_weight()
         weight = self.latent_weight()
         if not self._decode_cache_applies(weight):
-            return self.weight_quantizer(weight)
+            return output_major(self, self.weight_quantizer(output_major(self, weight)))
         key = _decode_key(weight, self.weight_quantizer)
         cached = self.__dict__.get("_decoded")
         if cached is not None and _same_key(cached[0], key) and cached[1].is_inference() == torch.is_inference_mode_enabled():
             return cached[1]
         self.__dict__["_decoded"] = None  # free the stale copy before decoding a new one
-        quantized = self.weight_quantizer(weight)
+        quantized = output_major(self, self.weight_quantizer(output_major(self, weight)))
         self.__dict__["_decoded"] = (key, quantized)
         return quantized
 
@@ -72,7 +91,13 @@ class QuantizedLayerMixin:
         return super()._apply(fn, recurse)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.input_quantizer is None else self.input_quantizer(x)
+        # quantizer state is float32 (docs/methods.md): a bf16/fp16 input stays in its dtype
+        return x if self.input_quantizer is None else self.input_quantizer(x).to(x.dtype)
+
+    @property
+    def tied_to(self) -> Optional[nn.Module]:
+        """The quantized layer whose weight and quantizer this layer uses (:func:`tie_layer`), or None."""
+        return self.__dict__.get("_tied_to")
 
     @property
     def weight_numel(self) -> int:
@@ -133,15 +158,56 @@ class QuantConv2d(QuantizedLayerMixin, nn.Conv2d):
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
+class QuantConv1d(QuantizedLayerMixin, nn.Conv1d):
+    """``torch.nn.Conv1d`` (Whisper's and wav2vec2's audio front-ends)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+def transposed_linear_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """transformers' ``Conv1D`` math, ``x @ weight + bias`` with ``weight`` ``[in, out]``, as ``F.linear`` on
+    the contiguous output-major weight: the same kernel (so the same rounding) whatever memory layout
+    the weight comes in (a quantizer's output, a decoded table)."""
+    return F.linear(x, weight.t().contiguous(), layer.bias)
+
+
+class QuantConv1D(QuantizedLayerMixin, Conv1D):
+    """transformers' ``Conv1D`` (GPT-2; not ``nn.Conv1d``): weight ``[in, out]``, quantized output-major."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return transposed_linear_forward(self, self.quantize_input(x), self.quantized_weight())
+
+
+class QuantEmbedding(QuantizedLayerMixin, nn.Embedding):
+    """``nn.Embedding``: the rows looked up from the quantized table; weight only (inputs are indices)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
 class _QuantizedWeightAttribute(QuantizedLayerMixin):
     """For layers whose own forward must run: ``self.weight`` reads as the quantized weight."""
 
     @property
     def weight(self) -> torch.Tensor:
+        if "weight" not in self._parameters:  # while transformers loads packed codes into a buffer: those
+            if self._buffers.get("weight") is not None:
+                return self._buffers["weight"]
+            raise AttributeError("weight")
         return self.quantized_weight()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.quantize_input(x))
+    def forward(self, *args, **kwargs):  # (embedding subclasses take more arguments; they have no input quantizer)
+        if self.input_quantizer is not None:
+            args = (self.quantize_input(args[0]),) + args[1:]
+        return super().forward(*args, **kwargs)
+
+
+def output_major(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with output channels on axis 0, the layout every quantizer and packed checkpoint uses:
+    the transpose for transformers' ``Conv1D`` (stored ``[in, out]``; its own inverse), else ``weight``."""
+    return weight.t() if isinstance(module, Conv1D) else weight
 
 
 def _forward_overriding_timm_layers():
@@ -159,7 +225,12 @@ def _forward_overriding_timm_layers():
     )
 
 
-_QUANT_CLASSES: Dict[type, type] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+# float base class -> its quantized class (subclasses: the first base that matches)
+_QUANT_BASES = ((nn.Linear, QuantLinear), (nn.Conv1d, QuantConv1d), (nn.Conv2d, QuantConv2d), (Conv1D, QuantConv1D),
+                (nn.Embedding, QuantEmbedding))
+_QUANT_CLASSES: Dict[type, type] = dict(_QUANT_BASES)
+# the float layer types adq_hf quantizes (surgery's candidates)
+WEIGHT_LAYER_TYPES = tuple(base for base, _ in _QUANT_BASES)
 
 
 def _register_class(cls: type) -> type:
@@ -178,12 +249,12 @@ def quantized_class_for(cls: Type[nn.Module]) -> Optional[type]:
         return _QUANT_CLASSES[cls]
     if issubclass(cls, QuantizedLayerMixin):
         return None
-    for base, quant_base in ((nn.Linear, QuantLinear), (nn.Conv2d, QuantConv2d)):
+    for base, quant_base in _QUANT_BASES:
         if not issubclass(cls, base):
             continue
-        if cls.forward is base.forward or _same_math_as_base(cls):
+        if cls.forward is base.forward or (base is nn.Linear and computes_linear(cls)):
             new = type(f"Quant{cls.__name__}", (quant_base, cls), {})
-        elif cls in _forward_overriding_timm_layers():
+        elif cls in _forward_overriding_timm_layers() or base is nn.Embedding:
             new = type(f"Quant{cls.__name__}", (_QuantizedWeightAttribute, cls), {})
         else:
             return None
@@ -192,13 +263,37 @@ def quantized_class_for(cls: Type[nn.Module]) -> Optional[type]:
     return None
 
 
-def _same_math_as_base(cls: type) -> bool:
-    """timm.layers.Linear overrides forward only for TorchScript dtype handling: same math."""
-    try:
-        from timm.layers import Linear as TimmLinear
-    except ImportError:
-        return False
-    return cls is TimmLinear
+_LINEAR_MATH: Dict[type, bool] = {}
+
+
+def computes_linear(cls: type) -> bool:
+    """Whether an ``nn.Linear`` subclass's own ``forward`` computes ``x @ W.T (+ b)``: run once per class
+    on a bare instance (its ``__init__`` is not called) with random weights, with and without bias, on
+    3-D float32 inputs; anything else (other results, an error, missing attributes) is ``False``."""
+    if cls not in _LINEAR_MATH:
+        _LINEAR_MATH[cls] = _probe_linear_math(cls)
+    return _LINEAR_MATH[cls]
+
+
+@torch.no_grad()
+def _probe_linear_math(cls: type) -> bool:
+    # explicit device and dtype: transformers builds models under a meta-device and a model-dtype default
+    generator, real = torch.Generator().manual_seed(0), {"device": "cpu", "dtype": torch.float32}
+    for with_bias in (True, False):
+        probe = cls.__new__(cls)
+        nn.Module.__init__(probe)
+        probe.in_features, probe.out_features = 5, 3
+        probe.weight = nn.Parameter(torch.randn(3, 5, generator=generator, **real))
+        probe.bias = nn.Parameter(torch.randn(3, generator=generator, **real)) if with_bias else None
+        x = torch.randn(2, 4, 5, generator=generator, **real)
+        try:
+            out = probe(x)
+        except Exception:  # an attribute its __init__ would set, another signature: not plain math
+            return False
+        expected = F.linear(x, probe.weight, probe.bias)
+        if not torch.is_tensor(out) or out.shape != expected.shape or not torch.allclose(out, expected, atol=1e-5):
+            return False
+    return True
 
 
 def convert_layer(
@@ -206,10 +301,8 @@ def convert_layer(
     weight_quantizer: WeightQuantizer,
     input_quantizer: Optional[ActivationQuantizer] = None,
 ) -> nn.Module:
-    """Turn a float Linear/Conv2d into its quantized class in place; returns the same object."""
-    quant_cls = quantized_class_for(type(module))
-    if quant_cls is None:
-        raise TypeError(f"{type(module).__name__} is not a supported layer type for quantization.")
+    """Turn a float layer (``WEIGHT_LAYER_TYPES``) into its quantized class in place; returns the same object."""
+    quant_cls = _quantized_class_or_error(module)
     weight = module._parameters["weight"]
     module.add_module("weight_quantizer", weight_quantizer.to(device=weight.device))
     module.add_module("input_quantizer", None if input_quantizer is None else input_quantizer.to(device=weight.device))
@@ -217,11 +310,40 @@ def convert_layer(
     return module
 
 
+def tie_layer(module: nn.Module, owner: nn.Module, input_quantizer: Optional[ActivationQuantizer] = None) -> nn.Module:
+    """Turn a float layer whose weight is ``owner``'s (a tied LM head) into its quantized class, in place,
+    computing with ``owner``'s quantized weight: its ``weight_quantizer`` is the owner's (an attribute,
+    not a registered submodule, so the quantizer state is stored and trained once) and its latent
+    weight is the owner's parameter. Both layers must have the same weight shape and layout."""
+    quant_cls = _quantized_class_or_error(module)
+    if not is_quantized_layer(owner):
+        raise TypeError(f"the owner of a tied weight must be a quantized layer, got {type(owner).__name__}.")
+    if isinstance(module, Conv1D) != isinstance(owner, Conv1D):
+        raise ValueError("a tied weight needs the same layout in both layers (transformers' Conv1D stores it transposed).")
+    module.add_module("input_quantizer", None if input_quantizer is None else input_quantizer.to(
+        device=owner._parameters["weight"].device))
+    module.__class__ = quant_cls
+    module.__dict__["weight_quantizer"] = owner.weight_quantizer
+    module.__dict__["_tied_to"] = owner
+    if "weight" in module._parameters and module._parameters["weight"] is not owner._parameters["weight"]:
+        module._parameters["weight"] = owner._parameters["weight"]
+    return module
+
+
+def _quantized_class_or_error(module: nn.Module) -> type:
+    quant_cls = quantized_class_for(type(module))
+    if quant_cls is None:
+        raise TypeError(f"{type(module).__name__} is not a supported layer type for quantization.")
+    return quant_cls
+
+
 def input_channels(module: nn.Module) -> Tuple[int, int]:
-    """``(channel count, channel axis)`` of a Linear/Conv2d input: ``(in_channels, 1)`` for NCHW
-    convs, ``(in_features, -1)`` for Linear (whatever its leading axes: tokens, NHWC pixels)."""
-    if isinstance(module, nn.Conv2d):
+    """``(channel count, channel axis)`` of a layer's input: ``(in_channels, 1)`` for NC(H)W convs,
+    ``(in_features, -1)`` for Linear and transformers' Conv1D (whatever the leading axes: tokens, NHWC pixels)."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return module.in_channels, 1
+    if isinstance(module, Conv1D):
+        return module.nx, -1
     return module.in_features, -1
 
 
@@ -230,5 +352,12 @@ def is_quantized_layer(module: nn.Module) -> bool:
 
 
 def quantized_layers(model: nn.Module):
-    """``(name, layer)`` for every quantized layer of ``model``, in registration order."""
+    """``(name, layer)`` for every quantized layer of ``model``, in registration order (tied ones too:
+    ``layer.tied_to`` is set on those; :func:`weight_owners` leaves them out)."""
     return [(name, m) for name, m in model.named_modules() if is_quantized_layer(m)]
+
+
+def weight_owners(model: nn.Module):
+    """The quantized layers that own their weight: every quantized layer but the tied ones, so each
+    stored weight counts once (bit maps, average bits, checkpoints, memory)."""
+    return [(name, m) for name, m in quantized_layers(model) if m.tied_to is None]

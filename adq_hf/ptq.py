@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PTQ_METHODS, ADQConfig
-from .nn import QuantConv2d, QuantLinear, is_quantized_layer, quantized_layers
+from transformers.pytorch_utils import Conv1D
+
 from .blockwise import BlockInput, BlockPlan, Captured, capture_inputs, plan_blocks, run_model
+from .config import PTQ_METHODS, ADQConfig
+from .nn import QuantConv1D, QuantConv1d, QuantConv2d, QuantLinear, is_quantized_layer, output_major, quantized_layers
 from .quantize import quantize_model
 from .surgery import calibrate_activations
 
@@ -206,19 +208,25 @@ def _run(model: nn.Module, batch, device=None) -> None:
 
 
 def layer_input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The rows ``X^T`` ([samples, cols]) the layer multiplies by its ``[rows, cols]`` weight: Linear
-    inputs flattened over tokens, convolution inputs unfolded (im2col, the order of
-    ``weight.reshape(out, -1)``)."""
-    if isinstance(layer, nn.Linear):
+    """The rows ``X^T`` ([samples, cols]) the layer multiplies by its ``[rows, cols]`` weight (output
+    channels first, ``adq_hf.nn.output_major``): Linear and transformers' Conv1D inputs flattened over
+    tokens, convolution inputs unfolded (im2col, the order of ``weight.reshape(out, -1)``)."""
+    if isinstance(layer, (nn.Linear, Conv1D)):
         return x.reshape(-1, x.shape[-1])
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         if layer.groups != 1:
             raise ValueError("grouped convolutions are not supported by PTQ")
         if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
             raise ValueError("only zero padding given as numbers is supported by PTQ")
-        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        if isinstance(layer, nn.Conv1d):  # a Conv2d of height 1
+            x = x.unsqueeze(2)
+            options = [((1,) + tuple(getattr(layer, k))) for k in ("kernel_size", "dilation", "padding", "stride")]
+            options[2] = (0,) + tuple(layer.padding)
+        else:
+            options = [layer.kernel_size, layer.dilation, layer.padding, layer.stride]
+        cols = F.unfold(x, options[0], dilation=options[1], padding=options[2], stride=options[3])
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    raise ValueError(f"{type(layer).__name__} is not a Linear/Conv2d layer")
+    raise ValueError(f"{type(layer).__name__} is not a Linear, Conv1D, Conv1d or Conv2d layer")
 
 
 def token_mask(batch) -> Optional[torch.Tensor]:
@@ -229,11 +237,11 @@ def token_mask(batch) -> Optional[torch.Tensor]:
 
 
 def _supported(layer: nn.Module) -> bool:
-    """Plain quantized Linear/Conv2d math (timm's forward-overriding convs transform the weight or
-    pad dynamically, so the Hessian of the raw weight is not theirs)."""
-    if not isinstance(layer, (QuantLinear, QuantConv2d)):
+    """Plain quantized Linear/Conv1D/Conv1d/Conv2d math (timm's forward-overriding convs transform the
+    weight or pad dynamically, so the Hessian of the raw weight is not theirs)."""
+    if not isinstance(layer, (QuantLinear, QuantConv1D, QuantConv1d, QuantConv2d)):
         return False
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         return layer.groups == 1 and not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
     return True
 
@@ -267,7 +275,7 @@ class HessianHooks:
         _, product, rows = self.products.get(key, (None, None, 0))
         if product is None:
             q = module.quantize_input(x) if quantized else x
-            if isinstance(module, nn.Linear) and mask is not None and q.dim() == 3 and q.shape[:2] == mask.shape:
+            if isinstance(module, (nn.Linear, Conv1D)) and mask is not None and q.dim() == 3 and q.shape[:2] == mask.shape:
                 q = q[mask.to(q.device)]  # real tokens only
             flat = layer_input_rows(module, q).float()
             product, rows = flat.T @ flat, flat.shape[0]
@@ -299,7 +307,7 @@ class HessianHooks:
 
 def _unfolding(layer: nn.Module) -> tuple:
     """What, besides the input, ``layer_input_rows`` depends on."""
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         return (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
     return ()
 
@@ -322,7 +330,7 @@ def quantize_layer(layer: nn.Module, hessian: torch.Tensor, method: str = "sa", 
     reconstruction errors (this method's and RTN's) and the solver time."""
     if method not in SOLVERS:
         raise ValueError(f"unknown PTQ method {method!r}; choose one of {list(METHODS)}.")
-    weight = layer.latent_weight()
+    weight = output_major(layer, layer.latent_weight())
     w = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
     if hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"Hessian {list(hessian.shape)} does not match the layer's {w.shape[1]} input columns.")
@@ -488,10 +496,12 @@ class _PTQRun:
 
     def solve_layer(self, name: str, layer: nn.Module, hessian: Callable[[], torch.Tensor]) -> None:
         """PTQ of one layer from ``hessian()``; layers whose Hessian is not their weight's stay at RTN."""
+        if isinstance(layer, nn.Embedding):  # looked up, not multiplied (no input Hessian): its forward rounds to nearest
+            return
         if not _supported(layer):
             warnings.warn(f"PTQ: {name} ({type(layer).__name__}) is left at round-to-nearest; its forward "
                           "transforms the weight or pads dynamically.", stacklevel=4)
-            cols = layer.latent_weight()[0].numel()
+            cols = output_major(layer, layer.latent_weight())[0].numel()
             self.report[name] = quantize_layer(layer, torch.eye(cols, dtype=torch.float64), "rtn")
         else:
             self.report[name] = quantize_layer(layer, hessian(), self.method, self.damp, **self.options)

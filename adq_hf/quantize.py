@@ -25,7 +25,7 @@ def quantize_model(
     calibration_data: Optional[Iterable] = None,
     init_from_weights: bool = True,
 ) -> nn.Module:
-    """Swap Linear/Conv2d layers for quantized ones and initialise their quantizers from the weights.
+    """Swap the quantizable layers (Linear, Conv1d, Conv2d, transformers' Conv1D, Embedding) for quantized ones and initialise their quantizers from the weights.
 
     ``calibration_data`` (an iterable of batches: tensors, ``(inputs, labels)`` or dicts of model
     inputs) initialises activation quantizers from the first batch and feeds the mixed-precision

@@ -19,7 +19,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from .nn import quantized_layers
+from .nn import output_major, quantized_layers
 from .packing import pack_codes, packed_size, unpack_codes
 
 FORMAT_KEY = "adq_hf_format"  # header key holding the format version; "format" stays "pt" for transformers
@@ -38,15 +38,20 @@ def _prefix(name: str) -> str:
 
 @torch.no_grad()
 def quantized_state_dict(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """The packed state dict of a quantized model and its safetensors metadata."""
+    """The packed state dict of a quantized model and its safetensors metadata. A weight tied between
+    layers is stored once, under its owner; the layers tied to it are listed with ``tied_to``."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
     layers = {}
+    names = {id(m): n for n, m in quantized_layers(model)}
     for name, layer in quantized_layers(model):
         shape, dtype = _float_weight_info(layer)
-        if not _is_deployed(layer):  # a deployed layer's ``weight`` already is its packed codes
-            codes = layer.weight_quantizer.encode(state[_prefix(name) + "weight"])
-            state[_prefix(name) + CODES_SUFFIX] = pack_codes(codes.cpu(), layer.weight_bits)
         layers[name] = {"shape": list(shape), "bits": layer.weight_bits, "dtype": str(dtype)}
+        if layer.tied_to is not None:
+            state.pop(_prefix(name) + "weight", None)
+            layers[name]["tied_to"] = names[id(layer.tied_to)]
+        elif not _is_deployed(layer):  # a deployed layer's ``weight`` already is its packed codes
+            codes = layer.weight_quantizer.encode(output_major(layer, state[_prefix(name) + "weight"]))
+            state[_prefix(name) + CODES_SUFFIX] = pack_codes(codes.cpu(), layer.weight_bits)
     if not layers:
         raise CheckpointError("the model has no quantized layer: quantize it with adq_hf.quantize_model first.")
     state = {k: v.contiguous().cpu() for k, v in state.items()}
@@ -60,9 +65,11 @@ def _is_deployed(layer: nn.Module) -> bool:
 
 
 def _float_weight_info(layer: nn.Module):
-    """``(shape, dtype)`` of a quantized layer's float weight."""
+    """``(shape, dtype)`` of a quantized layer's float weight (in the layer's own layout)."""
     if _is_deployed(layer):
         return tuple(layer.weight_shape), layer.weight_dtype
+    if layer.tied_to is not None:
+        return _float_weight_info(layer.tied_to)
     weight = layer.latent_weight()
     return tuple(weight.shape), weight.dtype
 
@@ -96,6 +103,7 @@ def load_quantized_state_dict(
             f"not in model: {extra[:5]}): the model must be built with the checkpoint's quantization_config."
         )
     codes_of = {}
+    names = {id(m): n for n, m in model_layers.items()}
     for name, layer in model_layers.items():
         info, (shape, _) = layers[name], _float_weight_info(layer)
         numel = math.prod(shape)
@@ -104,6 +112,12 @@ def load_quantized_state_dict(
                 f"{source}: layer {name!r} is stored as {info['bits']}-bit {info['shape']}, but the model "
                 f"expects {layer.weight_bits}-bit {list(shape)}: the config or architecture differs."
             )
+        tied_to = None if layer.tied_to is None else names[id(layer.tied_to)]
+        if info.get("tied_to") != tied_to:
+            raise CheckpointError(f"{source}: layer {name!r} is stored tied to {info.get('tied_to')!r}, but the model "
+                                  f"ties it to {tied_to!r}: the config or architecture differs.")
+        if tied_to is not None:
+            continue  # its weight is its owner's
         key = _prefix(name) + CODES_SUFFIX
         packed = state.pop(key, None)
         if packed is None:
@@ -119,19 +133,20 @@ def load_quantized_state_dict(
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # size mismatches (codebook groups, float layers): still a checkpoint problem
         raise CheckpointError(f"{source} does not match the model: {err}") from None
-    expected_missing = {_prefix(n) + "weight" for n in model_layers}  # popped above: decoded below
+    expected_missing = {_prefix(n) + "weight" for n in model_layers}  # popped above: decoded below (or tied)
     missing = sorted(set(result.missing_keys) - expected_missing)
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"{source} does not match the model: missing {missing[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}."
         )
-    for name, layer in model_layers.items():  # quantizer state is loaded now: decode with it
+    for name, packed in codes_of.items():  # quantizer state is loaded now: decode with it
+        layer = model_layers[name]
         if _is_deployed(layer):  # deploy mode keeps the packed codes as they are
-            layer.set_packed_codes(codes_of[name])
+            layer.set_packed_codes(packed)
             continue
-        weight = layer.latent_weight()
-        codes = unpack_codes(codes_of[name], layer.weight_bits, weight.numel()).reshape(weight.shape)
-        weight.copy_(layer.weight_quantizer.decode(codes.to(weight.device)).to(weight.dtype))
+        rows = output_major(layer, layer.latent_weight())
+        codes = unpack_codes(packed, layer.weight_bits, rows.numel()).reshape(rows.shape)
+        rows.copy_(layer.weight_quantizer.decode(codes.to(rows.device)).to(rows.dtype))
 
 
 def save_file(model: nn.Module, path: str) -> None:

@@ -2,17 +2,23 @@
 them (``convert_model``). ``adq_hf.quantize_model`` (plan bits, convert, calibrate) calls it; timm,
 transformers, the recipes and PTQ call that. Nothing here imports the planners or the integrations.
 
-Which layers (in this order of precedence, docs/methods.md):
+Which layers (``adq_hf.nn.WEIGHT_LAYER_TYPES``: Linear, Conv1d, Conv2d, transformers' Conv1D,
+Embedding), in this order of precedence (docs/methods.md):
   1. ``modules_to_not_convert`` (names, prefixes or regexes) stay float;
   2. a ``layer_bits`` match sets the weight bits;
-  3. the first layer (the first ``nn.Conv2d`` in registration order: a vision model's stem or patch
-     embedding; text models have none) gets ``first_layer_bits``, the classifier (timm's
-     ``get_classifier()``, transformers' output embeddings, or a top-level ``classifier``/``score``/
-     ``head``/``fc``) gets ``last_layer_bits``; ``None`` keeps them float;
-  4. every other ``nn.Linear``/``nn.Conv2d`` gets ``weight_bits``.
-Input quantizers use ``activation_bits`` (first/last layers: their own bits); none when it is None.
-Layers whose weight is tied to another module, and subclasses whose forward changes the math in a
-way adq_hf does not know, stay float with a warning.
+  3. the first layer (the first ``nn.Conv2d``/``nn.Conv1d`` in registration order: a vision model's
+     stem or patch embedding, an audio model's front-end; text models have none) gets
+     ``first_layer_bits``, the classifier (timm's ``get_classifier()``, transformers' output
+     embeddings, or a top-level ``classifier``/``score``/``head``/``fc``) gets ``last_layer_bits``,
+     ``nn.Embedding`` tables get ``embedding_bits``; ``None`` keeps them float;
+  4. every other layer gets ``weight_bits``.
+Input quantizers use ``activation_bits`` (first/last layers: their own bits; embeddings: none).
+A weight shared by several layers (tied by identity, or declared tied by transformers, which builds
+the model untied on the meta device and ties after loading) is quantized once, at the highest bits
+its layers get, when none of them stays float: the first embedding among them (else the first layer)
+owns it, the others compute with the owner's quantized weight (``adq_hf.nn.tie_layer``). Layers that
+stay float for a reason the config does not give (a tied partner that stays float, a forward adq_hf
+does not know) are named in one warning.
 """
 
 from __future__ import annotations
@@ -27,7 +33,16 @@ import torch
 from torch import nn
 
 from .config import ADQConfig
-from .nn import convert_layer, input_channels, is_quantized_layer, quantized_class_for, quantized_layers
+from .nn import (
+    WEIGHT_LAYER_TYPES,
+    convert_layer,
+    input_channels,
+    is_quantized_layer,
+    output_major,
+    quantized_class_for,
+    tie_layer,
+    weight_owners,
+)
 from .quantizers import make_activation_quantizer, make_weight_quantizer
 
 _CLASSIFIER_NAMES = ("classifier", "score", "head", "fc")
@@ -38,11 +53,12 @@ class LayerPlan:
     name: str
     weight_bits: int
     activation_bits: Optional[int]
-    role: str  # "first", "last" or "body"
+    role: str  # "first", "last", "embedding" or "body"
+    tied_to: Optional[str] = None  # the layer whose weight (and weight quantizer) this one computes with
 
 
 def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES) and n]
 
 
 def _classifier_name(model: nn.Module, names: Dict[int, str]) -> Optional[str]:
@@ -57,73 +73,136 @@ def _classifier_name(model: nn.Module, names: Dict[int, str]) -> Optional[str]:
                     pass
     heads.extend(getattr(model, n, None) for n in _CLASSIFIER_NAMES)
     for head in heads:
-        if isinstance(head, (nn.Linear, nn.Conv2d)) and id(head) in names:
+        if isinstance(head, WEIGHT_LAYER_TYPES) and not isinstance(head, nn.Embedding) and id(head) in names:
             return names[id(head)]
     return None
 
 
-def _tied_weight_ids(model: nn.Module) -> set:
-    """Parameters registered in more than one module (tied embeddings / LM heads)."""
-    owners: Dict[int, int] = {}
-    for module in model.modules():
-        for param in module._parameters.values():
-            if param is not None:
-                owners[id(param)] = owners.get(id(param), 0) + 1
-    return {pid for pid, count in owners.items() if count > 1}
+def tied_weight_groups(model: nn.Module, candidates: List[Tuple[str, nn.Module]]) -> List[List[str]]:
+    """Groups (two or more, in registration order) of candidate layers that share one weight: the
+    same ``weight`` parameter, or a tie transformers declares (``all_tied_weights_keys``, ``{tied
+    weight: source weight}``), which only exists after loading."""
+    index = {name: i for i, (name, _) in enumerate(candidates)}
+    parent = list(range(len(candidates)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(a, b):
+        parent[root(index[a])] = root(index[b])
+
+    first_user: Dict[int, str] = {}
+    for name, module in candidates:
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            union(name, first_user.setdefault(id(weight), name))
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        target, source = target.removesuffix(".weight"), source.removesuffix(".weight")
+        if target in index and source in index:
+            union(target, source)
+    groups: Dict[int, List[str]] = {}
+    for name, _ in candidates:
+        groups.setdefault(root(index[name]), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _float_reason(module: nn.Module) -> Optional[str]:
+    """Why a layer of a supported type must stay float whatever the config says, or None."""
+    if quantized_class_for(type(module)) is None:
+        return f"{type(module).__name__}: its forward is not known to adq_hf"
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return "Embedding with max_norm: it renormalises its weight in place"
+    return None
+
+
+def _tied_plans(group, own_plans, modules, config, skipped) -> List[LayerPlan]:
+    """The owner of a shared weight and the layers tied to it, from each layer's own plan, or none
+    (every layer float) when one of them stays float or their weights differ in shape or layout."""
+    shapes = {tuple(output_major(modules[n], modules[n]._parameters["weight"]).shape) for n in group}
+    layouts = {tuple(output_major(modules[n], torch.empty(2, 3, device="meta")).shape) for n in group}
+    if len(shapes) > 1 or len(layouts) > 1:
+        skipped.extend(f"{n} (weight tied across {', '.join(group)} in different shapes or layouts)" for n in group)
+        return []
+    floats = [n for n in group if n not in own_plans]
+    if floats:
+        by_default = config.embedding_bits is None and any(
+            isinstance(modules[n], nn.Embedding) and config.bits_for(n) is None and not config.is_excluded(n)
+            and _float_reason(modules[n]) is None for n in floats)
+        hint = "; set ADQConfig.embedding_bits to quantize the tied weight once for all of them" if by_default else ""
+        skipped.extend(f"{n} (weight tied to {', '.join(floats)}, which stays float{hint})"
+                       for n in group if n in own_plans)
+        return []
+    owner = next((n for n in group if isinstance(modules[n], nn.Embedding)), group[0])
+    bits = max(own_plans[n].weight_bits for n in group)
+    plans = []
+    for name in [owner] + [n for n in group if n != owner]:
+        plan = own_plans[name]
+        plans.append(LayerPlan(name, bits, plan.activation_bits, plan.role, None if name == owner else owner))
+    return plans
 
 
 def plan_quantization(model: nn.Module, config: ADQConfig) -> List[LayerPlan]:
-    """Which layers get quantized at which bits; warns about layers it must leave float."""
+    """Which layers get quantized at which bits (owners before the layers tied to them); warns about
+    layers it must leave float."""
     candidates = [(n, m) for n, m in _candidates(model) if not is_quantized_layer(m)]
     if not candidates:
         raise ValueError(
-            f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to quantize "
-            "(adq_hf quantizes Linear and Conv2d layers, and their timm subclasses)."
+            f"{type(model).__name__} has no layer to quantize (adq_hf quantizes Linear, Conv1d, Conv2d, "
+            "transformers' Conv1D and Embedding layers, and subclasses with the same math)."
         )
     names = {id(m): n for n, m in candidates}
-    first = next((n for n, m in candidates if isinstance(m, nn.Conv2d)), None)
+    modules = dict(candidates)
+    first = next((n for n, m in candidates if isinstance(m, (nn.Conv1d, nn.Conv2d))), None)
     last = _classifier_name(model, names)
-    tied = _tied_weight_ids(model)
     unused_patterns = set(config.layer_bits)
-    plans, skipped = [], []
+    own_plans: Dict[str, LayerPlan] = {}  # what each layer would get on its own; None: float
+    float_reasons, skipped = {}, []
     for name, module in candidates:
         explicit = config.bits_for(name)
         if explicit is not None:
             unused_patterns.discard(next(p for p in config.layer_bits if p == name or re.fullmatch(p, name)))
         if config.is_excluded(name):
             continue
-        if quantized_class_for(type(module)) is None:
-            skipped.append(f"{name} ({type(module).__name__}: its forward is not known to adq_hf)")
+        reason = _float_reason(module)
+        if reason is not None:
+            float_reasons[name] = reason
             continue
-        if id(module._parameters["weight"]) in tied:
-            skipped.append(f"{name} (weight tied to another module)")
-            continue
-        role = "first" if name == first else "last" if name == last else "body"
+        embedding = isinstance(module, nn.Embedding)
+        role = "first" if name == first else "last" if name == last else "embedding" if embedding else "body"
         if explicit is not None:
             bits = explicit
-        elif role == "first":
-            bits = config.first_layer_bits
-        elif role == "last":
-            bits = config.last_layer_bits
         else:
-            bits = config.weight_bits
+            bits = {"first": config.first_layer_bits, "last": config.last_layer_bits,
+                    "embedding": config.embedding_bits}.get(role, config.weight_bits)
         if bits is None:
             continue
-        if config.activation_bits is None:
+        if config.activation_bits is None or embedding:
             act_bits = None
         else:
             act_bits = bits if role != "body" and explicit is None else config.activation_bits
-        plans.append(LayerPlan(name, bits, act_bits, role))
+        own_plans[name] = LayerPlan(name, bits, act_bits, role)
+    plans = dict(own_plans)
+    tied_plans = []
+    for group in tied_weight_groups(model, candidates):
+        for name in group:
+            plans.pop(name, None)
+        tied_plans.extend(_tied_plans(group, own_plans, modules, config, skipped))
+    skipped = [f"{n} ({r})" for n, r in float_reasons.items()] + skipped
     if unused_patterns:
         raise ValueError(
-            f"ADQConfig.layer_bits entries {sorted(unused_patterns)} match no Linear/Conv2d layer of "
+            f"ADQConfig.layer_bits entries {sorted(unused_patterns)} match no quantizable layer of "
             f"{type(model).__name__}; layer names look like {[n for n, _ in candidates[:3]]}."
         )
     if skipped:
         warnings.warn("adq_hf leaves these layers in float: " + "; ".join(skipped), stacklevel=3)
-    if not plans:
+    owners = [p for p in tied_plans if p.tied_to is None]
+    ordered = list(plans.values()) + owners + [p for p in tied_plans if p.tied_to is not None]
+    if not ordered:
         raise ValueError("ADQConfig selects no layer for quantization (everything is excluded or kept float).")
-    return plans
+    return ordered
 
 
 # Called with (model, config) after every conversion: the integrations register here (transformers'
@@ -155,11 +234,14 @@ def convert_model(model: nn.Module, config: ADQConfig, init_from_weights: bool =
     modules = dict(model.named_modules())
     for plan in plan_quantization(model, config):
         module = modules[plan.name]
-        weight = module._parameters["weight"]
-        wq = make_weight_quantizer(config, plan.weight_bits, weight.shape)
         aq = None
-        if plan.activation_bits is not None:
-            aq = make_activation_quantizer(config, plan.activation_bits, *input_channels(module))
+        if plan.activation_bits is not None:  # quantizer state is float32 whatever the model's dtype (docs/methods.md)
+            aq = make_activation_quantizer(config, plan.activation_bits, *input_channels(module)).float()
+        if plan.tied_to is not None:
+            tie_layer(module, modules[plan.tied_to], aq)
+            continue
+        weight = output_major(module, module._parameters["weight"])
+        wq = make_weight_quantizer(config, plan.weight_bits, weight.shape).float()
         if init_from_weights and weight.device.type != "meta":
             wq.init_from(weight.detach())
         convert_layer(module, wq, aq)
@@ -201,30 +283,36 @@ def calibrate_activations(model: nn.Module, calibration_data: Iterable, num_batc
 
 
 def bit_map(model: nn.Module) -> Dict[str, Dict[str, Optional[int]]]:
-    """``{layer: {"weight_bits", "activation_bits", "params"}}`` of a quantized model."""
+    """``{layer: {"weight_bits", "activation_bits", "params"}}`` of a quantized model; a tied weight
+    appears once, under the layer that owns it."""
     return {
         name: {
             "weight_bits": m.weight_bits,
             "activation_bits": m.activation_bits,
             "params": m.weight_numel,
         }
-        for name, m in quantized_layers(model)
+        for name, m in weight_owners(model)
     }
 
 
 def average_weight_bits(model: nn.Module, include_float: bool = False) -> float:
-    """Parameter-weighted average bits of the quantized layers' weights (docs/methods.md).
+    """Parameter-weighted average bits of the quantized layers' weights (docs/methods.md), each
+    weight counted once (a tied weight under its owner; embeddings included when quantized).
 
-    ``include_float=True`` also counts every other Linear/Conv2d weight at 32 bits.
+    ``include_float=True`` also counts every other weight of a quantizable layer type at 32 bits.
     """
     total_bits = total_params = 0
-    for name, m in _candidates(model):
-        n = m.weight_numel if is_quantized_layer(m) else m._parameters["weight"].numel()
-        if is_quantized_layer(m):
-            total_bits += n * m.weight_bits
-        elif include_float:
-            total_bits += n * 32
-        else:
-            continue
-        total_params += n
+    owners = weight_owners(model)
+    for _, m in owners:
+        total_bits += m.weight_numel * m.weight_bits
+        total_params += m.weight_numel
+    if include_float:
+        seen = {id(m._parameters.get("weight")) for _, m in owners}
+        for _, m in _candidates(model):
+            weight = m._parameters.get("weight")
+            if is_quantized_layer(m) or weight is None or id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            total_bits += weight.numel() * 32
+            total_params += weight.numel()
     return total_bits / max(total_params, 1)

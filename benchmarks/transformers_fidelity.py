@@ -9,6 +9,8 @@ Every quantized row is loaded with ``AutoModel.from_pretrained(path, quantizatio
 packs it through adq_hf's transformers quantizer. Rows:
 
 * ``w4``, ``w3``, ``w2``: the codebooks as ``from_pretrained`` initialises them (weight quantiles, no data).
+* ``w4_emb4``, ``w4_emb8``: ``w4`` with the word/position/type embeddings quantized too
+  (``embedding_bits``; per-channel: one codebook per token row).
 * ``mixed3.5``: ``from_pretrained`` gets no calibration data (``target_avg_bits`` alone raises there),
   so the bits are allocated first on the FP model (``plan_mixed_precision``: sensitivity on
   calibration sentences, then the exact allocation) and passed to ``from_pretrained`` as ``layer_bits``.
@@ -64,11 +66,14 @@ class Row:
     bits: Optional[float] = None  # weight bits; for "mixed" the average-bit budget
     method: str = ""  # PTQ solver; for "mixed": "residual" = sensitivity of 0.5 * mean(y**2) instead of Gauss-Newton;
     # for "peer": the name in weight_only_peers.PEERS
+    embedding_bits: Optional[int] = None  # "load": the embeddings' bits (None: float)
 
 
 ROWS = {
     "fp": Row("fp"),
     "w4": Row("load", 4),
+    "w4_emb4": Row("load", 4, embedding_bits=4),
+    "w4_emb8": Row("load", 4, embedding_bits=8),
     "w3": Row("load", 3),
     "w2": Row("load", 2),
     "mixed3.5": Row("mixed", 3.5),
@@ -135,7 +140,9 @@ def build_fp(row: Row, setup: Setup):
 
 
 def build_load(row: Row, setup: Setup):
-    return setup.quantized_model(weight_only(weight_bits=row.bits)), {"how": f"from_pretrained, W{row.bits}"}
+    how = f"from_pretrained, W{row.bits}" + (f", embeddings {row.embedding_bits}-bit" if row.embedding_bits else "")
+    config = weight_only(weight_bits=row.bits, embedding_bits=row.embedding_bits)
+    return setup.quantized_model(config), {"how": how, "embedding_bits": row.embedding_bits}
 
 
 def residual_proxy(model, batch):
@@ -307,8 +314,9 @@ def markdown(result: dict) -> List[str]:
             cells.append(f"{top} | {rows[top]['cosine']:.4f} | {rows[top]['bits_per_weight']:.3f}" if top else "- | | ")
         lines.append(f"| {cls} | " + " | ".join(cells) + " |")
     header = max((r.get("header_bytes", 0) for r in rows.values()), default=0)
-    lines += ["", f"The embedding tables ({result['float_embedding_bytes'] / MB:.1f} MB of FP32) stay "
-              "float in every checkpoint; only the Linear layers are quantized. MB = 10^6 bytes. Peer checkpoints: "
+    lines += ["", f"The word/position/type embeddings ({result['float_embedding_bytes'] / MB:.1f} MB of FP32) stay "
+              "float in every checkpoint but the `_emb` rows (`embedding_bits`); only those rows count them in the "
+              "bits. MB = 10^6 bytes. Peer checkpoints: "
               "the model's float tensors plus each layer's stored tensors in safetensors (sized, not reloaded: "
               f"no loader). Per-layer configuration (bit width, shape, JSON quant state, counters) is not counted "
               f"in the bits per weight: at most {header:,} bytes per model in any row."]

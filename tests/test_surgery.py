@@ -1,8 +1,6 @@
 """quantize_model on real timm models: which layers, at which bits, exact math of timm's own convs,
 and the timm integration (create_model with quantization_config)."""
 
-import warnings
-
 import pytest
 import timm
 import torch
@@ -109,9 +107,9 @@ def test_bad_layer_bits_and_models_without_layers_raise():
     with pytest.raises(ValueError) as err:
         quantize_model(timm.create_model("test_resnet"), ADQConfig(layer_bits={"fc": 4, r"nope\..*": 2}))
     message = str(err.value)
-    assert r"layer_bits entries ['nope\\..*'] match no Linear/Conv2d layer of ResNet" in message
+    assert r"layer_bits entries ['nope\\..*'] match no quantizable layer of ResNet" in message
     assert "conv1.0" in message  # shows what names look like
-    with pytest.raises(ValueError, match="Sequential has no nn.Linear or nn.Conv2d layer to quantize"):
+    with pytest.raises(ValueError, match="Sequential has no layer to quantize"):
         quantize_model(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)), ADQConfig())
     with pytest.raises(ValueError, match="selects no layer"):
         quantize_model(nn.Sequential(nn.Linear(2, 2)), ADQConfig(modules_to_not_convert=["0"]))
@@ -173,14 +171,26 @@ def test_unknown_forward_overriding_subclass_stays_float_with_warning():
     assert type(model[1]) is Doubled and quantized(model[0]) and quantized(model[2])
 
 
-def test_tied_weights_stay_float():
+def test_tied_weights_are_quantized_once_or_stay_float_together():
+    """A weight two layers share is quantized once (the owner holds codes and quantizer state, the tied
+    layer computes with the same quantized weight), at the highest bits either layer gets; when one of
+    them stays float, both do, and the warning names them."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight
     model.add_module("extra", nn.Linear(4, 2))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        quantize_model(model, ADQConfig())
-    assert any("weight tied" in str(w.message) for w in caught)
+    quantize_model(model, ADQConfig(weight_bits=3, layer_bits={"1": 5}))
+    assert quantized(model[0]) and quantized(model[1]) and quantized(model.extra)
+    assert model[1].tied_to is model[0] and model[1].weight_quantizer is model[0].weight_quantizer
+    assert model[1].latent_weight() is model[0].latent_weight() and model[0].weight_bits == 5  # the higher bits
+    assert set(adq_hf.bit_map(model)) == {"0", "extra"}  # the shared weight counts once
+    assert not any(k.startswith("1.weight_quantizer") for k in model.state_dict())  # stored once
+    assert torch.equal(model[1].quantized_weight(), model[0].quantized_weight())
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    model.add_module("extra", nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"1 \(weight tied to 0, which stays float\)"):
+        quantize_model(model, ADQConfig(modules_to_not_convert=["0"]))
     assert not quantized(model[0]) and not quantized(model[1]) and quantized(model.extra)
 
 

@@ -10,11 +10,19 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from ..nn import QuantizedLayerMixin, _QuantizedWeightAttribute, quantized_layers
+from ..nn import (
+    WEIGHT_LAYER_TYPES,
+    QuantizedLayerMixin,
+    _QuantizedWeightAttribute,
+    output_major,
+    quantized_layers,
+    transposed_linear_forward,
+)
 from ..packing import pack_codes, packed_size
 from . import kernels
-from .decode import lut_decode, lut_decode_op
+from .decode import lut_decode, lut_decode_op, lut_decode_rows
 from .inputs import input_form
 
 _FIX = ("load the fake-quant model for training (timm.create_model(...) without deploy=True, "
@@ -61,7 +69,13 @@ class DeployedLayerMixin(QuantizedLayerMixin):
 
     @property
     def packed_weight(self) -> torch.Tensor:
-        return self._buffers["weight"]
+        """The packed codes (of the owner, for a layer tied to another's weight)."""
+        return (self.tied_to or self)._buffers["weight"]
+
+    @property
+    def code_shape(self) -> Tuple[int, ...]:
+        """The weight's shape in the layout its codes are packed in (output channels first)."""
+        return tuple(output_major(self, torch.empty(self.weight_shape, device="meta")).shape)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -87,25 +101,27 @@ class DeployedLayerMixin(QuantizedLayerMixin):
         """The kernels' arguments for this layer (``None``: the kernels cannot run it), kept while the
         codes, the bias and the weight quantizer's tensors are the same objects, unmodified in place."""
         quantizer = self.weight_quantizer
-        sources = (self._buffers["weight"], self.bias, *quantizer._parameters.values(), *quantizer._buffers.values())
+        sources = (self.packed_weight, self.bias, *quantizer._parameters.values(), *quantizer._buffers.values())
         cached = self.__dict__.get("_lut_plan")
         if cached is not None and len(cached[0]) == len(sources) and all(
                 a is b and (a is None or a._version == v) for (a, v), b in zip(cached[0], sources)):
             return cached[1]
-        rows = self.weight_shape[0]
-        plan = kernels.make_plan(self._buffers["weight"], self.table(), self.weight_bits, rows, self.weight_numel // rows,
+        rows = self.code_shape[0]  # codes are output-major (transformers' Conv1D too)
+        plan = kernels.make_plan(self.packed_weight, self.table(), self.weight_bits, rows, self.weight_numel // rows,
                                  self.bias)
         self.__dict__["_lut_plan"] = (tuple((t, None if t is None else t._version) for t in sources), plan)
         return plan
 
     def decode_weight(self) -> torch.Tensor:
         if self.__dict__.get("_exporting"):  # one operator, which export_onnx translates (_onnx_lut_decode)
-            return lut_decode_op(self._buffers["weight"], self.table(), self.weight_bits, list(self.weight_shape))
-        if not torch.compiler.is_compiling():  # compiled: inductor fuses the PyTorch form into the layer
+            rows = lut_decode_op(self.packed_weight, self.table(), self.weight_bits, list(self.code_shape))
+        elif torch.compiler.is_compiling():  # compiled: inductor fuses the PyTorch form into the layer
+            rows = lut_decode(self.packed_weight, self.table(), self.weight_bits, self.code_shape)
+        else:
             plan = self.lut_plan()
-            if plan is not None:
-                return plan.decode().view(self.weight_shape)
-        return lut_decode(self._buffers["weight"], self.table(), self.weight_bits, self.weight_shape)
+            rows = (plan.decode().view(self.code_shape) if plan is not None
+                    else lut_decode(self.packed_weight, self.table(), self.weight_bits, self.code_shape))
+        return output_major(self, rows)
 
     def fused_linear(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``x @ W^T + bias`` by the fused look-up-table kernel (``x``: ``[..., in]``, W never
@@ -113,7 +129,7 @@ class DeployedLayerMixin(QuantizedLayerMixin):
         layer set to ``exact``, a cached weight, export or compile, more rows than
         ``kernels.FUSED_MAX_ROWS``. Equal to ``F.linear`` up to float reassociation (docs/deploy.md)."""
         d = self.__dict__
-        if (d.get("_exact") or d.get("_exporting") or self._buffers.get("decoded_weight") is not None
+        if (d.get("_exact") or d.get("_exporting") or (self.tied_to or self)._buffers.get("decoded_weight") is not None
                 or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0 or torch.compiler.is_compiling()):
             return None
         cols = x.shape[-1]
@@ -134,7 +150,7 @@ class DeployedLayerMixin(QuantizedLayerMixin):
             if self.__dict__.get("_exporting"):
                 raise NotImplementedError(f"ONNX export has no form for {type(quantizer).__name__} here: it must be a "
                                           "calibrated n2uq or lsq quantizer on float32 inputs.")
-            out = quantizer(x)  # uncalibrated (it initialises now), another dtype, or a quantizer without a form
+            out = quantizer(x).to(x.dtype)  # uncalibrated (it initialises now), another dtype, or no deploy form
             if form is None and bool(quantizer.initialized):
                 self.prepare_input_form()  # calibrated by this call: use the deploy form from now on
             return out
@@ -146,6 +162,8 @@ class DeployedLayerMixin(QuantizedLayerMixin):
         self.__dict__["_input_form"] = input_form(self)
 
     def quantized_weight(self) -> torch.Tensor:
+        if self.tied_to is not None:  # the owner's (cached) weight: the same tensor in the same layout
+            return self.tied_to.quantized_weight()
         cached = self._buffers.get("decoded_weight")
         return cached if cached is not None else self.decode_weight()
 
@@ -215,11 +233,43 @@ class DeployedConv2d(DeployedLayerMixin, nn.Conv2d):
         return None if out is None else out.transpose(1, 2).reshape(x.shape[0], -1, ho, wo)
 
 
-class _DeployedOwnForward(DeployedLayerMixin):
-    """timm's forward-overriding convs: their own forward reads ``self.weight`` (the decoded weight)."""
+class DeployedConv1d(DeployedLayerMixin, nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._guard(self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias))
+
+
+class DeployedConv1D(DeployedLayerMixin, Conv1D):
+    """transformers' ``Conv1D``: codes packed output-major, the decoded weight transposed back (a view)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._guard(super().forward(self.quantize_input(x)))
+        x = self.quantize_input(x)
+        out = self.fused_linear(x)  # x @ W^T + b with W output-major: Conv1D's x @ weight + b
+        if out is None:
+            out = transposed_linear_forward(self, x, self.quantized_weight())
+        return self._guard(out)
+
+
+class DeployedEmbedding(DeployedLayerMixin, nn.Embedding):
+    """Decodes only the rows it looks up (``lut_decode_rows``); the whole table when it is cached or
+    exported (ONNX gets ``GatherElements`` on the table, then ``Gather``)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        owner = self.tied_to or self
+        table = self.table()
+        if (owner._buffers.get("decoded_weight") is not None or self.__dict__.get("_exporting")
+                or table.shape[0] not in (1, self.code_shape[0])):
+            return self._guard(F.embedding(input, self.quantized_weight(), self.padding_idx))
+        return self._guard(lut_decode_rows(self.packed_weight, table, self.weight_bits, self.code_shape, input))
+
+
+class _DeployedOwnForward(DeployedLayerMixin):
+    """timm's forward-overriding convs and embedding subclasses: their own forward reads ``self.weight``
+    (the decoded weight)."""
+
+    def forward(self, *args, **kwargs):
+        if self.input_quantizer is not None:
+            args = (self.quantize_input(args[0]),) + args[1:]
+        return self._guard(super().forward(*args, **kwargs))
 
 
 _DEPLOYED_CLASSES: Dict[type, type] = {}
@@ -227,7 +277,11 @@ _DEPLOYED_CLASSES: Dict[type, type] = {}
 
 def _float_class(quant_cls: type) -> type:
     """The float layer class a quantized class was made from (``QuantStdConv2d`` -> ``StdConv2d``)."""
-    return next(c for c in quant_cls.__mro__ if issubclass(c, (nn.Linear, nn.Conv2d)) and not issubclass(c, QuantizedLayerMixin))
+    return next(c for c in quant_cls.__mro__ if issubclass(c, WEIGHT_LAYER_TYPES) and not issubclass(c, QuantizedLayerMixin))
+
+
+_DEPLOYED_BASES = ((nn.Linear, DeployedLinear), (nn.Conv1d, DeployedConv1d), (nn.Conv2d, DeployedConv2d),
+                   (Conv1D, DeployedConv1D), (nn.Embedding, DeployedEmbedding))
 
 
 def deployed_class_for(quant_cls: type) -> type:
@@ -238,8 +292,8 @@ def deployed_class_for(quant_cls: type) -> type:
     if issubclass(quant_cls, _QuantizedWeightAttribute):
         bases = (_DeployedOwnForward, float_cls)
     else:
-        base = DeployedLinear if issubclass(float_cls, nn.Linear) else DeployedConv2d
-        bases = (base,) if float_cls in (nn.Linear, nn.Conv2d) else (base, float_cls)
+        base, deployed = next((b, d) for b, d in _DEPLOYED_BASES if issubclass(float_cls, b))
+        bases = (deployed,) if float_cls is base else (deployed, float_cls)
     if len(bases) == 1:
         cls = bases[0]
     else:
@@ -269,12 +323,13 @@ def deploy_layer(layer: nn.Module, packed: Optional[torch.Tensor] = None) -> nn.
         raise TypeError(f"{type(layer).__name__} is not an adq_hf quantized layer.")
     weight = layer.latent_weight()
     shape, dtype = tuple(weight.shape), weight.dtype
-    if packed is None:
-        packed = pack_codes(layer.weight_quantizer.encode(weight), layer.weight_bits)
+    if packed is None and layer.tied_to is None:  # a tied layer decodes its owner's codes
+        packed = pack_codes(layer.weight_quantizer.encode(output_major(layer, weight)), layer.weight_bits)
     cls = deployed_class_for(type(layer))
     del layer._parameters["weight"]
     layer.__class__ = cls
-    layer._buffers["weight"] = packed.to(weight.device)
+    if layer.tied_to is None:
+        layer._buffers["weight"] = packed.to(weight.device)
     layer.weight_shape, layer.weight_dtype = shape, dtype
     for name in ("decoded_weight", "input_thresholds"):  # derived state: not in the checkpoint
         layer._buffers[name] = None
@@ -304,6 +359,8 @@ def set_weight_cache(model: nn.Module, max_bytes: Optional[float]) -> int:
     total = 0
     for _, layer in deployed_layers(model):
         layer._buffers["decoded_weight"] = None
+        if layer.tied_to is not None:  # uses its owner's cache
+            continue
         nbytes = math.prod(layer.weight_shape) * torch.empty((), dtype=layer.weight_dtype).element_size()
         if max_bytes is None or total + nbytes <= max_bytes:
             layer._buffers["decoded_weight"] = layer.decode_weight()

@@ -7,7 +7,7 @@ from typing import Dict
 
 from torch import nn
 
-from ..nn import quantized_layers
+from ..nn import weight_owners
 from .layers import DeployedLayerMixin
 
 
@@ -40,7 +40,7 @@ def memory_report(model: nn.Module) -> Dict[str, int]:
     ``resident_bytes``: every tensor of the model.
     """
     weight_tensors, limit, fp32 = [], 0.0, 0
-    for _, layer in quantized_layers(model):
+    for _, layer in weight_owners(model):  # a tied weight once
         deployed = isinstance(layer, DeployedLayerMixin)
         numel = math.prod(layer.weight_shape if deployed else layer.latent_weight().shape)
         table = layer.weight_quantizer.levels()

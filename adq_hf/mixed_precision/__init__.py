@@ -57,7 +57,7 @@ def plan_mixed_precision(
 
     if config.target_avg_bits is None:
         raise ValueError("plan_mixed_precision needs ADQConfig.target_avg_bits (the average weight-bit budget).")
-    plans = plan_quantization(model, config)
+    plans = [p for p in plan_quantization(model, config) if p.tied_to is None]  # a tied weight: under its owner
     fixed = {p.name: p.weight_bits for p in plans if p.role != "body" or config.bits_for(p.name) is not None}
     body = [p.name for p in plans if p.name not in fixed]
     if not body:

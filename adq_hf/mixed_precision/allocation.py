@@ -7,7 +7,7 @@ subject to average weight bits (below)              <= target_avg_bits   and/or
 one candidate b per layer, tied layers share b. Solved exactly with ``scipy.optimize.milp``.
 
 "Average weight bits" (docs/mixed_precision.md, ``average_bits``): parameter-weighted over the
-weights of every quantized Linear/Conv2d layer, the fixed ones (first/last layer at their bits,
+weights of every quantized layer (each weight once), the fixed ones (first/last layer at their bits,
 explicit ``layer_bits``) included; biases, norms, float layers and look-up tables excluded. It is
 the number ``adq_hf.average_weight_bits(model)`` reports for the quantized model.
 """
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import BITS_RANGE, ADQConfig
+from ..nn import output_major
 from ..packing import packed_size
 from ..quantizers import make_weight_quantizer
 from .sensitivity import weight_layers
@@ -65,6 +66,12 @@ def lut_bytes(weight: torch.Tensor, bits: int, config: ADQConfig) -> int:
 def layer_bytes(weight: torch.Tensor, bits: int, config: ADQConfig) -> int:
     """Packed bytes of one layer: ``ceil(numel * bits / 8)`` codes plus its quantizer tables."""
     return packed_size(weight.numel(), bits) + lut_bytes(weight, bits, config)
+
+
+def output_major_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``weight_layers(model)`` in the layout the quantizers see (output channels first)."""
+    modules = dict(model.named_modules())
+    return {name: output_major(modules[name], weight) for name, weight in weight_layers(model).items()}
 
 
 def _check_number(name: str, value, positive: bool = True) -> None:
@@ -120,10 +127,10 @@ def allocate_bits(
             raise ValueError(f"fixed[{name!r}]={b!r} is invalid: expected integer bits from 2 to 8.")
     if not isinstance(sensitivity, Mapping):
         raise ValueError("sensitivity must be a dict {layer name: value} (from estimate_sensitivity).")
-    weights = weight_layers(model)
+    weights = output_major_weights(model)
     unknown = sorted((set(sensitivity) | set(fixed)) - set(weights))
     if unknown:
-        raise ValueError(f"{unknown[:5]} are not Linear/Conv2d layers of the model (sensitivity/fixed keys); "
+        raise ValueError(f"{unknown[:5]} are not quantizable layers of the model (sensitivity/fixed keys); "
                          f"layer names look like {list(weights)[:3]}.")
     bad = [n for n, s in sensitivity.items() if isinstance(s, bool) or not isinstance(s, (int, float, np.floating))
            or not math.isfinite(s)]
@@ -267,5 +274,5 @@ def _solve_greedy(cost, budgets, groups) -> List[int]:
 
 def objective(model: nn.Module, sensitivity: Dict[str, float], bits: Dict[str, int], config: ADQConfig) -> float:
     """``sum_i max(s_i, 0) ||W_i - Q_{b_i}(W_i)||^2`` of an allocation (to compare solvers)."""
-    weights = weight_layers(model)
+    weights = output_major_weights(model)
     return sum(max(sensitivity[n], 0.0) * quantization_error(weights[n], b, config) for n, b in bits.items())

@@ -14,8 +14,8 @@ from ..surgery import bit_map
 from .allocation import average_bits
 from .sensitivity import weight_layers
 
-AVERAGE_DEFINITION = ("parameter-weighted over the weights of all quantized Linear/Conv2d layers, first and last "
-                      "layer included at their bits; float layers, biases, norms and codebooks excluded; "
+AVERAGE_DEFINITION = ("parameter-weighted over the weights of all quantized layers (a tied weight once), first and last "
+                      "layer and embeddings included at their bits; float layers, biases, norms and codebooks excluded; "
                       "see docs/mixed_precision.md")
 
 

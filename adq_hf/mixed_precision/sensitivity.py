@@ -3,9 +3,11 @@ Gauss-Newton traces from plain backward passes (``"ggn"``, the default, ``gauss_
 Hessian trace by Hutchinson's estimator with double backward (HAWQ-V2/V3; the previous default, 20x
 slower on ResNet-20: docs/mixed_precision.md), or the mean squared gradient (Fisher).
 
-The layers are every ``nn.Linear``/``nn.Conv2d`` with a weight (for an already quantized layer, its
-latent float weight: the straight-through estimator makes the Hessian the one at the quantized
-weight). The model runs in eval mode during the analysis (no dropout, BatchNorm running statistics).
+The layers are every layer of a type adq_hf quantizes (``adq_hf.nn.WEIGHT_LAYER_TYPES``: Linear,
+Conv1d, Conv2d, transformers' Conv1D, Embedding) with a weight, each weight once (a tied weight under
+its first layer); for an already quantized layer, its latent float weight: the straight-through
+estimator makes the Hessian the one at the quantized weight. The model runs in eval mode during the
+analysis (no dropout, BatchNorm running statistics).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn import WEIGHT_LAYER_TYPES
 from ..surgery import model_inputs
 from .gauss_newton import LayerTaps, gauss_newton_traces, rademacher
 
@@ -30,12 +33,15 @@ PROBE_DEFAULTS = {"ggn": {"max_iters": 20, "min_iters": 2, "tol": 0.1},
 
 
 def weight_layers(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """``{layer name: weight}`` of every Linear/Conv2d (the latent weight of quantized ones)."""
-    return {
-        name: module._parameters["weight"]
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and name and module._parameters.get("weight") is not None
-    }
+    """``{layer name: weight}`` of every quantizable layer (the latent weight of quantized ones), each
+    weight once: a weight tied between layers appears under the first of them."""
+    layers, seen = {}, set()
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight") if isinstance(module, WEIGHT_LAYER_TYPES) and name else None
+        if weight is not None and id(weight) not in seen:
+            seen.add(id(weight))
+            layers[name] = weight
+    return layers
 
 
 def _to_device(value, device):
@@ -134,9 +140,9 @@ def estimate_sensitivity(
     layers: Optional[List[str]] = None,
     min_iters: Optional[int] = None,
 ) -> Dict[str, float]:
-    """Per-layer sensitivity ``{layer name: value}`` of every Linear/Conv2d weight (or of ``layers``):
-    a trace of the loss curvature with respect to the layer's weight, divided by its ``n_i``
-    parameters, averaged over the first ``num_batches`` batches.
+    """Per-layer sensitivity ``{layer name: value}`` of every quantizable layer's weight (or of
+    ``layers``): a trace of the loss curvature with respect to the layer's weight, divided by its
+    ``n_i`` parameters, averaged over the first ``num_batches`` batches.
 
     ``method`` (default ``"ggn"``, or ``"hutchinson"`` when a ``loss_fn`` is given):
     ``"ggn"``: ``Tr(J_i^T H_y J_i) / n_i``, the Gauss-Newton trace, as the mean over output
@@ -181,11 +187,11 @@ def estimate_sensitivity(
     loss_fn = functools.partial(default_loss, gauss_newton=method == "hutchinson") if loss_fn is None else _wrap_loss(loss_fn)
     all_layers = weight_layers(model)
     if not all_layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to analyse.")
+        raise ValueError(f"{type(model).__name__} has no quantizable layer (Linear, Conv1d, Conv2d, Conv1D, Embedding) to analyse.")
     if layers is not None:
         unknown = sorted(set(layers) - set(all_layers))
         if unknown:
-            raise ValueError(f"layers {unknown[:5]} are not Linear/Conv2d layers of the model "
+            raise ValueError(f"layers {unknown[:5]} are not quantizable layers of the model "
                              f"(names look like {list(all_layers)[:3]}).")
         all_layers = {n: all_layers[n] for n in layers}
     names, params = list(all_layers), list(all_layers.values())

@@ -16,7 +16,8 @@ Design choices (docs/methods.md has the reasons and measurements):
     DDP keeps identical on every rank, so codebooks stay identical without communication. An update
     runs in a training forward when the weight has changed since the last one (its in-place version
     counter moved, i.e. an optimiser step happened), every ``update_interval`` such steps; gradient
-    accumulation micro-steps therefore never update twice.
+    accumulation micro-steps therefore never update twice. A frozen weight (``requires_grad``
+    False: the quantized base under PEFT/LoRA adapters) never updates its codebook.
   * Straight-through gradient to the float weight.
 """
 
@@ -162,7 +163,8 @@ class CodebookWeightQuantizer(WeightQuantizer):
         self.num_updates += 1
 
     def _maybe_adapt(self, weight: torch.Tensor) -> None:
-        if not (self.training and self.adapt and torch.is_grad_enabled()):
+        # a frozen weight (requires_grad False: a PEFT/LoRA base, a frozen layer) is never stepped: no update
+        if not (self.training and self.adapt and torch.is_grad_enabled() and weight.requires_grad):
             return
         version = weight._version
         if version == self._last_version:
