@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .quantizers import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
+from .quantizers import ACTIVATION_QUANTIZERS, RANGE_ESTIMATORS, WEIGHT_QUANTIZERS
 
 QUANT_METHOD = "adq"
 BITS_RANGE = range(2, 9)
@@ -78,6 +78,10 @@ class ADQConfig(QuantizationConfigMixin):
         ema_update_interval: optimiser steps between codebook updates (>= 1).
         target_avg_bits: a parameter-weighted average weight-bit budget for mixed precision; the
             allocation turns it into ``layer_bits`` from calibration data.
+        activation_init: how calibration (``adq_hf.calibrate_activations``, several batches) sets each
+            input quantizer's step: ``"mse"`` (least squared error on the observed inputs),
+            ``"percentile"`` (99.99th percentile of ``|x|`` is the largest level), ``"minmax"`` (nothing
+            clipped) or ``"mean"`` (LSQ's ``2 mean|x| / sqrt(Qp)``); docs/methods.md has the measurements.
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class ADQConfig(QuantizationConfigMixin):
         ema_decay: float = 0.99,
         ema_update_interval: int = 1,
         target_avg_bits: Optional[float] = None,
+        activation_init: str = "mse",
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
     ):
@@ -126,6 +131,7 @@ class ADQConfig(QuantizationConfigMixin):
         self.ema_decay = ema_decay
         self.ema_update_interval = ema_update_interval
         self.target_avg_bits = target_avg_bits
+        self.activation_init = activation_init
         self.post_init()
 
     @classmethod
@@ -147,6 +153,7 @@ class ADQConfig(QuantizationConfigMixin):
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("codebook_init", self.codebook_init, CODEBOOK_INITS)
         _check_choice("codebook_update", self.codebook_update, CODEBOOK_UPDATES)
+        _check_choice("activation_init", self.activation_init, RANGE_ESTIMATORS)
         if not isinstance(self.layer_bits, dict):
             raise ValueError(f"ADQConfig.layer_bits must be a dict {{module name or regex: bits}}, got {self.layer_bits!r}.")
         _check_patterns("layer_bits", self.layer_bits)
@@ -204,6 +211,10 @@ class ADQConfig(QuantizationConfigMixin):
 
     def __eq__(self, other) -> bool:
         return isinstance(other, ADQConfig) and self.to_dict() == other.to_dict()
+
+    def range_estimator_for(self, bits: int) -> str:
+        """The range estimator of an input quantizer with ``bits`` bits (``activation_init``)."""
+        return self.activation_init
 
     def bits_for(self, name: str) -> Optional[int]:
         """Bits from ``layer_bits`` for module ``name`` (first full match), else ``None``."""

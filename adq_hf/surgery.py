@@ -179,25 +179,75 @@ def model_inputs(batch):
     return (batch,), {}
 
 
-@torch.no_grad()
-def calibrate_activations(model: nn.Module, calibration_data: Iterable, num_batches: int = 1) -> None:
-    """Initialise every not yet initialised input quantizer from ``num_batches`` batches.
+DEFAULT_CALIBRATION_BATCHES = 8
 
-    Run this before wrapping the model for DDP so every rank starts from the same values.
+
+class _Observing(nn.Module):
+    """Stands in for an input quantizer during calibration: records the input, passes it on unquantized
+    (as the observers of torch.ao, brevitas and NNCF do), so every layer sees the float model's inputs."""
+
+    initialized = False  # for deployed layers, which look at it before building their input form
+
+    def __init__(self, quantizer):
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.quantizer.observe(x)
+        return x
+
+
+@torch.no_grad()
+def calibrate_activations(
+    model: nn.Module, calibration_data: Iterable, num_batches: Optional[int] = DEFAULT_CALIBRATION_BATCHES
+) -> List[str]:
+    """Set every not yet initialised input quantizer from up to ``num_batches`` batches (``None``: all).
+
+    Each quantizer records its input on every batch (the model runs with float activations meanwhile),
+    then sets its signedness and step with its range estimator (``ADQConfig.activation_init``:
+    MSE by default; docs/methods.md). Returns the names of the layers calibrated. Run this before
+    wrapping the model for DDP so every rank starts from the same values.
     """
+    layers = [(name, layer) for name, layer in quantized_layers(model)
+              if layer.input_quantizer is not None and not bool(layer.input_quantizer.initialized)]
+    if not layers:
+        return []
     was_training = model.training
     model.eval()
+    for _, layer in layers:
+        layer._modules["input_quantizer"] = _Observing(layer.input_quantizer)
+    seen = 0
     try:
         device = next(model.parameters()).device
-        for i, batch in enumerate(calibration_data):
-            if i >= num_batches:
+        for batch in calibration_data:
+            if num_batches is not None and seen >= num_batches:
                 break
             args, kwargs = model_inputs(batch)
             args = tuple(a.to(device) if torch.is_tensor(a) else a for a in args)
             kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
             model(*args, **kwargs)
+            seen += 1
     finally:
+        for _, layer in layers:
+            layer._modules["input_quantizer"] = layer._modules["input_quantizer"].quantizer
         model.train(was_training)
+    if seen == 0:
+        raise ValueError("calibrate_activations got no batch: pass an iterable of model inputs (tensors, "
+                         "(inputs, labels) pairs or dicts), e.g. a few batches of training data.")
+    calibrated, unreached = [], []
+    for name, layer in layers:
+        quantizer = layer.input_quantizer
+        if quantizer.observed_batches == 0:
+            unreached.append(name)
+            continue
+        quantizer.finish_calibration()
+        if hasattr(layer, "prepare_input_form"):  # a deployed layer: its input quantizer's deploy form
+            layer.prepare_input_form()
+        calibrated.append(name)
+    if unreached:
+        warnings.warn(f"{len(unreached)} input quantizers saw no calibration data and stay uncalibrated (they "
+                      f"initialise on their first batch): {', '.join(unreached)}.", stacklevel=2)
+    return calibrated
 
 
 def bit_map(model: nn.Module) -> Dict[str, Dict[str, Optional[int]]]:
