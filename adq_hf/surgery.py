@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import ADQConfig
-from .nn import convert_layer, input_channels, is_quantized_layer, quantized_class_for, quantized_layers
+from .nn import convert_layer, init_weight_quantizer, input_channels, is_quantized_layer, quantized_class_for, quantized_layers
 from .quantizers import make_activation_quantizer, make_weight_quantizer
 
 _CLASSIFIER_NAMES = ("classifier", "score", "head", "fc")
@@ -39,6 +39,7 @@ class LayerPlan:
     weight_bits: int
     activation_bits: Optional[int]
     role: str  # "first", "last" or "body"
+    weight_read_by_parent: bool = False  # the parent runs the op on ``layer.weight`` itself (no input quantizer)
 
 
 def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -72,6 +73,41 @@ def _tied_weight_ids(model: nn.Module) -> set:
     return {pid for pid, count in owners.items() if count > 1}
 
 
+def _forward_sources(cls: type) -> str:
+    """Source of the ``*forward*`` methods of a module class and its bases below ``torch.nn`` (not its
+    initialisation code, which reads weights without running the layer)."""
+    import inspect
+
+    texts = []
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith("torch.nn"):
+            continue
+        for attr, member in vars(klass).items():
+            if "forward" in attr and callable(member):
+                try:
+                    texts.append(inspect.getsource(member))
+                except (OSError, TypeError):
+                    pass
+    return "\n".join(texts)
+
+
+def _weight_read_by_parent(model: nn.Module) -> set:
+    """Linear/Conv2d layers whose parent's forward code reads ``self.<name>.weight`` (and so runs the op
+    on the weight itself, bypassing the layer's forward: timm's EVA/BEiT/Swin-V2 qkv with separate q/v
+    biases, MobileViT-v2's cross attention)."""
+    found, sources = set(), {}
+    for parent_name, parent in model.named_modules():
+        children = [(a, c) for a, c in parent.named_children() if isinstance(c, (nn.Linear, nn.Conv2d))]
+        if not children:
+            continue
+        if type(parent) not in sources:
+            sources[type(parent)] = _forward_sources(type(parent))
+        for attr, _ in children:
+            if re.search(rf"self\.{re.escape(attr)}\.weight\b", sources[type(parent)]):
+                found.add(f"{parent_name}.{attr}" if parent_name else attr)
+    return found
+
+
 def plan_quantization(model: nn.Module, config: ADQConfig) -> List[LayerPlan]:
     """Which layers get quantized at which bits; warns about layers it must leave float."""
     candidates = [(n, m) for n, m in _candidates(model) if not is_quantized_layer(m)]
@@ -84,8 +120,9 @@ def plan_quantization(model: nn.Module, config: ADQConfig) -> List[LayerPlan]:
     first = next((n for n, m in candidates if isinstance(m, nn.Conv2d)), None)
     last = _classifier_name(model, names)
     tied = _tied_weight_ids(model)
+    read_by_parent = _weight_read_by_parent(model)
     unused_patterns = set(config.layer_bits)
-    plans, skipped = [], []
+    plans, skipped, float_inputs = [], [], []
     for name, module in candidates:
         explicit = config.bits_for(name)
         if explicit is not None:
@@ -111,16 +148,25 @@ def plan_quantization(model: nn.Module, config: ADQConfig) -> List[LayerPlan]:
             continue
         if config.activation_bits is None:
             act_bits = None
+        elif name in read_by_parent:
+            act_bits = None
+            float_inputs.append(name)
         else:
             act_bits = bits if role != "body" and explicit is None else config.activation_bits
-        plans.append(LayerPlan(name, bits, act_bits, role))
+        plans.append(LayerPlan(name, bits, act_bits, role, name in read_by_parent))
     if unused_patterns:
         raise ValueError(
             f"ADQConfig.layer_bits entries {sorted(unused_patterns)} match no Linear/Conv2d layer of "
             f"{type(model).__name__}; layer names look like {[n for n, _ in candidates[:3]]}."
         )
+    notes = []
     if skipped:
-        warnings.warn("adq_hf leaves these layers in float: " + "; ".join(skipped), stacklevel=3)
+        notes.append("adq_hf leaves these layers in float: " + "; ".join(skipped))
+    if float_inputs:
+        notes.append("adq_hf quantizes only the weights of these layers, whose parent module reads their .weight "
+                     "and runs the op itself, so their inputs stay float: " + ", ".join(float_inputs))
+    if notes:  # one warning naming every layer that is not fully quantized
+        warnings.warn(". ".join(notes) + ".", stacklevel=3)
     if not plans:
         raise ValueError("ADQConfig selects no layer for quantization (everything is excluded or kept float).")
     return plans
@@ -160,9 +206,9 @@ def convert_model(model: nn.Module, config: ADQConfig, init_from_weights: bool =
         aq = None
         if plan.activation_bits is not None:
             aq = make_activation_quantizer(config, plan.activation_bits, *input_channels(module))
+        convert_layer(module, wq, aq, weight_attribute=plan.weight_read_by_parent)
         if init_from_weights and weight.device.type != "meta":
-            wq.init_from(weight.detach())
-        convert_layer(module, wq, aq)
+            init_weight_quantizer(module)
     model.quantization_config = config
     for hook in POST_CONVERT_HOOKS:
         hook(model, config)

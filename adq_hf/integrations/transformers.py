@@ -15,7 +15,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from ..config import QUANT_METHOD, ADQConfig
-from ..nn import quantized_layers
+from ..nn import init_weight_quantizer, quantized_layers
 from ..packing import packed_size, unpack_codes
 from ..serialization import CODES_SUFFIX, CheckpointError, quantized_state_dict
 from ..quantize import quantize_model
@@ -63,7 +63,7 @@ class ADQHfQuantizer(HfQuantizer):
                 weight.copy_(layer.weight_quantizer.decode(codes.to(weight.device)).to(dtype))
                 layer.register_parameter("weight", weight)
             else:  # float checkpoint: quantizer state was created empty; initialise it now
-                layer.weight_quantizer.init_from(layer.latent_weight())
+                init_weight_quantizer(layer)
                 if layer.input_quantizer is not None:
                     layer.input_quantizer.initialized.fill_(False)
         return model
