@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .quantizers import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
+from .quantizers import ACTIVATION_QUANTIZERS, RANGE_ESTIMATORS, WEIGHT_QUANTIZERS
 
 QUANT_METHOD = "adq"
 BITS_RANGE = range(2, 9)
@@ -94,6 +94,10 @@ class ADQConfig(QuantizationConfigMixin):
             ``datasets.Dataset`` (``adq_hf.calibration.calibration_batches``). Not serialized.
         tokenizer: turns text calibration data into batches (default: the checkpoint's own
             tokenizer, ``AutoTokenizer.from_pretrained``). Not serialized.
+        activation_init: how calibration (``adq_hf.calibrate_activations``, several batches) sets each
+            input quantizer's step: ``"mse"`` (least squared error on the observed inputs),
+            ``"percentile"`` (99.99th percentile of ``|x|`` is the largest level), ``"minmax"`` (nothing
+            clipped) or ``"mean"`` (LSQ's ``2 mean|x| / sqrt(Qp)``); docs/methods.md has the measurements.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class ADQConfig(QuantizationConfigMixin):
         ptq: Optional[str] = None,
         calibration_dataset: Any = None,
         tokenizer: Any = None,
+        activation_init: str = "mse",
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
     ):
@@ -150,6 +155,7 @@ class ADQConfig(QuantizationConfigMixin):
         self.ptq = ptq
         self.calibration_dataset = calibration_dataset
         self.tokenizer = tokenizer
+        self.activation_init = activation_init
         self.post_init()
 
     @classmethod
@@ -172,6 +178,7 @@ class ADQConfig(QuantizationConfigMixin):
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("codebook_init", self.codebook_init, CODEBOOK_INITS)
         _check_choice("codebook_update", self.codebook_update, CODEBOOK_UPDATES)
+        _check_choice("activation_init", self.activation_init, RANGE_ESTIMATORS)
         if not isinstance(self.layer_bits, dict):
             raise ValueError(f"ADQConfig.layer_bits must be a dict {{module name or regex: bits}}, got {self.layer_bits!r}.")
         _check_patterns("layer_bits", self.layer_bits)
@@ -240,6 +247,10 @@ class ADQConfig(QuantizationConfigMixin):
 
     def __eq__(self, other) -> bool:
         return isinstance(other, ADQConfig) and self.to_dict() == other.to_dict()
+
+    def range_estimator_for(self, bits: int) -> str:
+        """The range estimator of an input quantizer with ``bits`` bits (``activation_init``)."""
+        return self.activation_init
 
     def bits_for(self, name: str) -> Optional[int]:
         """Bits from ``layer_bits`` for module ``name`` (first full match), else ``None``."""

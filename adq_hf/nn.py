@@ -210,6 +210,57 @@ def output_major(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return weight.t() if isinstance(module, Conv1D) else weight
 
 
+MAX_STANDARDISE_CHANGE = 1e-4  # relative change of a StdConv2d weight that standardising its latent may cause (below 8-bit noise)
+
+
+def _weight_standardising_timm_layers():
+    try:
+        std_conv = __import__("importlib").import_module("timm.layers.std_conv")
+    except ImportError:
+        return ()
+    names = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+    return tuple(getattr(std_conv, n) for n in names if hasattr(std_conv, n))
+
+
+@torch.no_grad()
+def standardise_latent_weight(layer: nn.Module) -> None:
+    """For weight-standardising convs (timm's ``StdConv2d``, ``ScaledStdConv2d`` and their ``Same``
+    forms: BiT, NFNet): make each output channel of the latent weight zero-mean with unit variance.
+
+    Such a conv uses ``(W_c - mean_c) / sqrt(var_c + eps)``, so the float model ignores each channel's
+    mean and (up to ``eps``) its scale, while a codebook or step shared by the channels does not: on
+    raw weights it spends levels on offsets and scales the conv throws away. Standardising the
+    latent weight once, before the quantizer is initialised, makes the quantizer see the weight the
+    conv uses (docs/methods.md has the measurement). The mean removal is exact. The rescale changes
+    the conv's weight by ``eps / (2 var_c)`` relative: ``ScaledStdConv2d`` compensates it in its
+    ``gain``; a ``StdConv2d`` (no gain) is rescaled only where that change stays below
+    ``MAX_STANDARDISE_CHANGE`` (BiT's ``eps=1e-8``: typically), otherwise only its means are removed.
+    Other layers: no-op.
+    """
+    if not isinstance(layer, _weight_standardising_timm_layers()):
+        return
+    weight = layer._parameters["weight"]
+    rows = weight.detach().reshape(weight.shape[0], -1).double()
+    centred = rows - rows.mean(dim=1, keepdim=True)
+    var = centred.pow(2).mean(dim=1, keepdim=True)
+    live = var > 0  # a constant channel (zero-initialised) stays zero
+    unit = torch.where(live, centred / var.sqrt().clamp(min=1e-300), centred)
+    # per channel: the conv's weight is (W - mean) / sqrt(var + eps) before, unit / sqrt(1 + eps) after
+    factor = torch.where(live, var.sqrt() * torch.sqrt((1.0 + layer.eps) / (var + layer.eps)), torch.ones_like(var))
+    if getattr(layer, "gain", None) is not None:
+        layer.gain.mul_(factor.reshape(layer.gain.shape).to(layer.gain.dtype))
+    elif float((factor - 1).abs().max()) > MAX_STANDARDISE_CHANGE:
+        unit = centred
+    weight.copy_(unit.reshape(weight.shape).to(weight.dtype))
+
+
+@torch.no_grad()
+def init_weight_quantizer(layer: nn.Module) -> None:
+    """Initialise a quantized layer's weight quantizer from its (loaded) latent weight."""
+    standardise_latent_weight(layer)
+    layer.weight_quantizer.init_from(output_major(layer, layer.latent_weight().detach()))
+
+
 def _forward_overriding_timm_layers():
     import importlib
 
@@ -243,8 +294,27 @@ def _register_class(cls: type) -> type:
     return cls
 
 
-def quantized_class_for(cls: Type[nn.Module]) -> Optional[type]:
-    """The quantized class for a float layer class, or ``None`` when its math can't be kept exactly."""
+_WEIGHT_ATTRIBUTE_CLASSES: Dict[type, type] = {}
+
+
+def quantized_class_for(cls: Type[nn.Module], weight_attribute: bool = False) -> Optional[type]:
+    """The quantized class for a float layer class, or ``None`` when its math can't be kept exactly.
+
+    ``weight_attribute=True``: a class whose ``weight`` attribute reads as the quantized weight, for
+    layers whose parent module reads ``layer.weight`` and runs the op itself (timm's EVA, BEiT and
+    Swin-V2 attention: ``F.linear(x, self.qkv.weight, qkv_bias)``); the layer's own forward is the
+    float class's, on that weight.
+    """
+    quant_cls = _quantized_class(cls)
+    if not weight_attribute or quant_cls is None or issubclass(quant_cls, _QuantizedWeightAttribute):
+        return quant_cls
+    if cls not in _WEIGHT_ATTRIBUTE_CLASSES:
+        new = type(f"Quant{cls.__name__}WeightAttribute", (_QuantizedWeightAttribute, cls), {})
+        _WEIGHT_ATTRIBUTE_CLASSES[cls] = _register_class(new)
+    return _WEIGHT_ATTRIBUTE_CLASSES[cls]
+
+
+def _quantized_class(cls: Type[nn.Module]) -> Optional[type]:
     if cls in _QUANT_CLASSES:
         return _QUANT_CLASSES[cls]
     if issubclass(cls, QuantizedLayerMixin):
@@ -300,9 +370,13 @@ def convert_layer(
     module: nn.Module,
     weight_quantizer: WeightQuantizer,
     input_quantizer: Optional[ActivationQuantizer] = None,
+    weight_attribute: bool = False,
 ) -> nn.Module:
-    """Turn a float layer (``WEIGHT_LAYER_TYPES``) into its quantized class in place; returns the same object."""
-    quant_cls = _quantized_class_or_error(module)
+    """Turn a float layer (``WEIGHT_LAYER_TYPES``) into its quantized class in place; returns the same
+    object. ``weight_attribute``: see :func:`quantized_class_for`."""
+    quant_cls = quantized_class_for(type(module), weight_attribute)
+    if quant_cls is None:
+        raise TypeError(f"{type(module).__name__} is not a supported layer type for quantization.")
     weight = module._parameters["weight"]
     module.add_module("weight_quantizer", weight_quantizer.to(device=weight.device))
     module.add_module("input_quantizer", None if input_quantizer is None else input_quantizer.to(device=weight.device))

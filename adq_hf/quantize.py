@@ -28,7 +28,7 @@ def quantize_model(
     """Swap the quantizable layers (Linear, Conv1d, Conv2d, transformers' Conv1D, Embedding) for quantized ones and initialise their quantizers from the weights.
 
     ``calibration_data`` (an iterable of batches: tensors, ``(inputs, labels)`` or dicts of model
-    inputs) initialises activation quantizers from the first batch and feeds the mixed-precision
+    inputs) calibrates the activation quantizers (``calibrate_activations``) and feeds the mixed-precision
     allocation when ``config.target_avg_bits`` is set (a list is used whole; from any other iterable,
     e.g. a DataLoader, the first ``MAX_CALIBRATION_BATCHES`` batches). ``init_from_weights=False`` is for weights
     that are not loaded yet (meta device, pre-quantized checkpoints).
@@ -49,5 +49,6 @@ def quantize_model(
         config.layer_bits, model.adq_sensitivity = dict(allocation), allocation.sensitivity
     convert_model(model, config, init_from_weights=init_from_weights)
     if calibration_data is not None and config.activation_bits is not None:
-        calibrate_activations(model, calibration_data)
+        whole = isinstance(calibration_data, (list, tuple))
+        calibrate_activations(model, calibration_data, num_batches=None if whole else MAX_CALIBRATION_BATCHES)
     return model

@@ -36,10 +36,12 @@ from .config import ADQConfig
 from .nn import (
     WEIGHT_LAYER_TYPES,
     convert_layer,
+    init_weight_quantizer,
     input_channels,
     is_quantized_layer,
     output_major,
     quantized_class_for,
+    quantized_layers,
     tie_layer,
     weight_owners,
 )
@@ -55,6 +57,7 @@ class LayerPlan:
     activation_bits: Optional[int]
     role: str  # "first", "last", "embedding" or "body"
     tied_to: Optional[str] = None  # the layer whose weight (and weight quantizer) this one computes with
+    weight_read_by_parent: bool = False  # the parent runs the op on ``layer.weight`` itself (no input quantizer)
 
 
 def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -144,6 +147,41 @@ def _tied_plans(group, own_plans, modules, config, skipped) -> List[LayerPlan]:
     return plans
 
 
+def _forward_sources(cls: type) -> str:
+    """Source of the ``*forward*`` methods of a module class and its bases below ``torch.nn`` (not its
+    initialisation code, which reads weights without running the layer)."""
+    import inspect
+
+    texts = []
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith("torch.nn"):
+            continue
+        for attr, member in vars(klass).items():
+            if "forward" in attr and callable(member):
+                try:
+                    texts.append(inspect.getsource(member))
+                except (OSError, TypeError):
+                    pass
+    return "\n".join(texts)
+
+
+def _weight_read_by_parent(model: nn.Module) -> set:
+    """Layers whose parent's forward code reads ``self.<name>.weight`` (and so runs the op
+    on the weight itself, bypassing the layer's forward: timm's EVA/BEiT/Swin-V2 qkv with separate q/v
+    biases, MobileViT-v2's cross attention)."""
+    found, sources = set(), {}
+    for parent_name, parent in model.named_modules():
+        children = [(a, c) for a, c in parent.named_children() if isinstance(c, WEIGHT_LAYER_TYPES)]
+        if not children:
+            continue
+        if type(parent) not in sources:
+            sources[type(parent)] = _forward_sources(type(parent))
+        for attr, _ in children:
+            if re.search(rf"self\.{re.escape(attr)}\.weight\b", sources[type(parent)]):
+                found.add(f"{parent_name}.{attr}" if parent_name else attr)
+    return found
+
+
 def plan_quantization(model: nn.Module, config: ADQConfig) -> List[LayerPlan]:
     """Which layers get quantized at which bits (owners before the layers tied to them); warns about
     layers it must leave float."""
@@ -159,7 +197,8 @@ def plan_quantization(model: nn.Module, config: ADQConfig) -> List[LayerPlan]:
     last = _classifier_name(model, names)
     unused_patterns = set(config.layer_bits)
     own_plans: Dict[str, LayerPlan] = {}  # what each layer would get on its own; None: float
-    float_reasons, skipped = {}, []
+    float_reasons, skipped, float_inputs = {}, [], []
+    read_by_parent = _weight_read_by_parent(model)
     for name, module in candidates:
         explicit = config.bits_for(name)
         if explicit is not None:
@@ -181,9 +220,12 @@ def plan_quantization(model: nn.Module, config: ADQConfig) -> List[LayerPlan]:
             continue
         if config.activation_bits is None or embedding:
             act_bits = None
+        elif name in read_by_parent:
+            act_bits = None
+            float_inputs.append(name)
         else:
             act_bits = bits if role != "body" and explicit is None else config.activation_bits
-        own_plans[name] = LayerPlan(name, bits, act_bits, role)
+        own_plans[name] = LayerPlan(name, bits, act_bits, role, weight_read_by_parent=name in read_by_parent)
     plans = dict(own_plans)
     tied_plans = []
     for group in tied_weight_groups(model, candidates):
@@ -196,8 +238,14 @@ def plan_quantization(model: nn.Module, config: ADQConfig) -> List[LayerPlan]:
             f"ADQConfig.layer_bits entries {sorted(unused_patterns)} match no quantizable layer of "
             f"{type(model).__name__}; layer names look like {[n for n, _ in candidates[:3]]}."
         )
+    notes = []
     if skipped:
-        warnings.warn("adq_hf leaves these layers in float: " + "; ".join(skipped), stacklevel=3)
+        notes.append("adq_hf leaves these layers in float: " + "; ".join(skipped))
+    if float_inputs:
+        notes.append("adq_hf quantizes only the weights of these layers, whose parent module reads their .weight "
+                     "and runs the op itself, so their inputs stay float: " + ", ".join(float_inputs))
+    if notes:  # one warning naming every layer that is not fully quantized
+        warnings.warn(". ".join(notes) + ".", stacklevel=3)
     owners = [p for p in tied_plans if p.tied_to is None]
     ordered = list(plans.values()) + owners + [p for p in tied_plans if p.tied_to is not None]
     if not ordered:
@@ -242,9 +290,9 @@ def convert_model(model: nn.Module, config: ADQConfig, init_from_weights: bool =
             continue
         weight = output_major(module, module._parameters["weight"])
         wq = make_weight_quantizer(config, plan.weight_bits, weight.shape).float()
+        convert_layer(module, wq, aq, weight_attribute=plan.weight_read_by_parent)
         if init_from_weights and weight.device.type != "meta":
-            wq.init_from(weight.detach())
-        convert_layer(module, wq, aq)
+            init_weight_quantizer(module)  # (StdConv2d: standardises the latent weight first)
     model.quantization_config = config
     for hook in POST_CONVERT_HOOKS:
         hook(model, config)
@@ -261,25 +309,75 @@ def model_inputs(batch):
     return (batch,), {}
 
 
-@torch.no_grad()
-def calibrate_activations(model: nn.Module, calibration_data: Iterable, num_batches: int = 1) -> None:
-    """Initialise every not yet initialised input quantizer from ``num_batches`` batches.
+DEFAULT_CALIBRATION_BATCHES = 8
 
-    Run this before wrapping the model for DDP so every rank starts from the same values.
+
+class _Observing(nn.Module):
+    """Stands in for an input quantizer during calibration: records the input, passes it on unquantized
+    (as the observers of torch.ao, brevitas and NNCF do), so every layer sees the float model's inputs."""
+
+    initialized = False  # for deployed layers, which look at it before building their input form
+
+    def __init__(self, quantizer):
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.quantizer.observe(x)
+        return x
+
+
+@torch.no_grad()
+def calibrate_activations(
+    model: nn.Module, calibration_data: Iterable, num_batches: Optional[int] = DEFAULT_CALIBRATION_BATCHES
+) -> List[str]:
+    """Set every not yet initialised input quantizer from up to ``num_batches`` batches (``None``: all).
+
+    Each quantizer records its input on every batch (the model runs with float activations meanwhile),
+    then sets its signedness and step with its range estimator (``ADQConfig.activation_init``:
+    MSE by default; docs/methods.md). Returns the names of the layers calibrated. Run this before
+    wrapping the model for DDP so every rank starts from the same values.
     """
+    layers = [(name, layer) for name, layer in quantized_layers(model)
+              if layer.input_quantizer is not None and not bool(layer.input_quantizer.initialized)]
+    if not layers:
+        return []
     was_training = model.training
     model.eval()
+    for _, layer in layers:
+        layer._modules["input_quantizer"] = _Observing(layer.input_quantizer)
+    seen = 0
     try:
         device = next(model.parameters()).device
-        for i, batch in enumerate(calibration_data):
-            if i >= num_batches:
+        for batch in calibration_data:
+            if num_batches is not None and seen >= num_batches:
                 break
             args, kwargs = model_inputs(batch)
             args = tuple(a.to(device) if torch.is_tensor(a) else a for a in args)
             kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
             model(*args, **kwargs)
+            seen += 1
     finally:
+        for _, layer in layers:
+            layer._modules["input_quantizer"] = layer._modules["input_quantizer"].quantizer
         model.train(was_training)
+    if seen == 0:
+        raise ValueError("calibrate_activations got no batch: pass an iterable of model inputs (tensors, "
+                         "(inputs, labels) pairs or dicts), e.g. a few batches of training data.")
+    calibrated, unreached = [], []
+    for name, layer in layers:
+        quantizer = layer.input_quantizer
+        if quantizer.observed_batches == 0:
+            unreached.append(name)
+            continue
+        quantizer.finish_calibration()
+        if hasattr(layer, "prepare_input_form"):  # a deployed layer: its input quantizer's deploy form
+            layer.prepare_input_form()
+        calibrated.append(name)
+    if unreached:
+        warnings.warn(f"{len(unreached)} input quantizers saw no calibration data and stay uncalibrated (they "
+                      f"initialise on their first batch): {', '.join(unreached)}.", stacklevel=2)
+    return calibrated
 
 
 def bit_map(model: nn.Module) -> Dict[str, Dict[str, Optional[int]]]:

@@ -153,6 +153,8 @@ def test_forward_overriding_timm_convs_keep_their_math(cls, kwargs, activation_b
         qw = layer.quantized_weight()
         assert qw.unique().numel() <= 4 and not torch.equal(qw, original["weight"])
         reference.weight.copy_(qw)
+        if hasattr(layer, "gain"):  # standardising the latent weight folds its scale into the gain
+            reference.gain.copy_(layer.gain)
     inp = x if activation_bits is None else layer.input_quantizer(x)
     assert torch.equal(out, reference(inp))
     layer.train()
@@ -269,3 +271,67 @@ def test_quantized_timm_linear_does_not_replace_quant_linear():
     assert cls is not plain and qnn.QuantLinear is plain and issubclass(cls, TimmLinear)
     assert qnn.quantized_class_for(torch.nn.Linear) is plain and getattr(qnn, cls.__name__) is cls
     assert pickle.loads(pickle.dumps(cls)) is cls
+
+
+def _effective_weight(layer, weight):
+    """The weight a weight-standardising conv convolves with, for a given raw weight (timm's formula)."""
+    return torch.nn.functional.batch_norm(weight.reshape(1, weight.shape[0], -1), None, None, training=True,
+                                          momentum=0.0, eps=layer.eps).reshape_as(weight)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(StdConv2d, {"eps": 1e-8}), (ScaledStdConv2d, {"gamma": 1.7})],
+                         ids=lambda v: v.__name__ if isinstance(v, type) else "")
+def test_weight_standardising_convs_quantize_the_standardised_weight(cls, kwargs):
+    """Trained StdConv weights carry per-channel scales (and offsets) the conv ignores: the quantizer must
+    see the standardised weight, so its error is that of a unit-variance weight (docs/methods.md)."""
+    torch.manual_seed(0)
+    layer = cls(16, 32, 3, padding=1, **kwargs)
+    with torch.no_grad():  # per-channel scale spread and offsets, as training leaves them; the float conv ignores both
+        layer.weight.normal_(0, 0.05).mul_(torch.exp(0.5 * torch.randn(32, 1, 1, 1))).add_(0.02 * torch.randn(32, 1, 1, 1))
+    raw = layer.weight.detach().clone()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        float_out = layer(x)
+    model = nn.Sequential(nn.Conv2d(16, 16, 1), layer)
+    quantize_model(model, ADQConfig(weight_bits=3, first_layer_bits=None))
+    latent = layer.latent_weight().detach().reshape(32, -1)
+    assert latent.mean(1).abs().max() < 1e-5 and (latent.var(1, unbiased=False) - 1).abs().max() < 1e-4
+    with torch.no_grad():  # the float function is kept: the latent weight through the float conv's math
+        float_again = torch.nn.functional.conv2d(
+            x, _effective_weight(layer, layer.latent_weight()) * (layer.gain * layer.scale if hasattr(layer, "gain") else 1),
+            layer.bias, layer.stride, layer.padding)
+    assert (float_again - float_out).norm() / float_out.norm() < 1e-5
+    target = _effective_weight(layer, raw)
+    ours = _effective_weight(layer, layer.quantized_weight().detach())
+    raw_quantizer = CodebookWeightQuantizer(3)
+    raw_quantizer.init_from(raw)
+    from_raw = _effective_weight(layer, raw_quantizer(raw).detach())
+    error = (ours - target).norm() / target.norm()
+    assert error < 0.8 * (from_raw - target).norm() / target.norm()
+
+
+def test_layers_whose_parent_reads_their_weight_are_quantized_through_it():
+    """timm's EVA attention runs ``F.linear(x, self.qkv.weight, qkv_bias)``: the qkv layer's forward never
+    runs, so its weight must read as the quantized one (else fake-quant used the float weight while a
+    checkpoint and deploy mode used the codes); its input cannot be quantized, and the warning says so."""
+    torch.manual_seed(0)
+    kwargs = dict(pretrained=False, num_classes=5, img_size=28, depth=2)
+    model = timm.create_model("eva02_tiny_patch14_224", quantization_config=ADQConfig(weight_bits=3), **kwargs).eval()
+    qkv = [n for n, _ in adq_hf.quantized_layers(model) if n.endswith("attn.qkv")]
+    assert len(qkv) == 2
+    ran = set()
+    for name, layer in adq_hf.quantized_layers(model):
+        layer.weight_quantizer.register_forward_hook(lambda *_, name=name: ran.add(name))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        out = model(x)
+    assert ran == {n for n, _ in adq_hf.quantized_layers(model)}  # every quantized weight is used
+    deployed = adq_hf.convert_for_inference(__import__("copy").deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(deployed(x), out)
+    with pytest.warns(UserWarning, match=r"quantizes only the weights of these layers.*blocks\.0\.attn\.qkv, blocks\.1\.attn\.qkv"):
+        with_inputs = timm.create_model("eva02_tiny_patch14_224", quantization_config=ADQConfig(
+            weight_bits=4, activation_bits=8), **kwargs)
+    bits = adq_hf.bit_map(with_inputs)
+    assert all(bits[n]["activation_bits"] is None for n in qkv)
+    assert bits["blocks.0.attn.proj"]["activation_bits"] == 8

@@ -15,7 +15,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from ..config import QUANT_METHOD, ADQConfig
-from ..nn import output_major, quantized_layers
+from ..nn import init_weight_quantizer, output_major, quantized_layers
 from ..packing import packed_size, unpack_codes
 from ..ptq import quantize_at_load
 from ..serialization import CODES_SUFFIX, CheckpointError, quantized_state_dict
@@ -78,7 +78,7 @@ class ADQHfQuantizer(HfQuantizer):
                 rows.copy_(layer.weight_quantizer.decode(codes.to(weight.device)).to(dtype))
                 layer._parameters["weight"] = weight
             else:  # float checkpoint: quantizer state was created empty; initialise it now
-                layer.weight_quantizer.init_from(output_major(layer, layer.latent_weight()))
+                init_weight_quantizer(layer)  # (StdConv2d-like layers: standardised first)
         for _, layer in layers:
             if layer.tied_to is not None:  # the owner's (loaded or decoded) parameter, as transformers would tie it
                 layer.__dict__.pop("_adq_float_weight", None)

@@ -7,6 +7,7 @@ the package builds a quantizer, so a method is chosen by name in ``ADQConfig`` a
 
 from .base import (
     ACTIVATION_QUANTIZERS,
+    RANGE_ESTIMATORS,
     WEIGHT_QUANTIZERS,
     ActivationQuantizer,
     WeightQuantizer,
@@ -33,12 +34,16 @@ def make_activation_quantizer(config, bits: int, in_features=None, channel_dim: 
     Conv2d's NCHW, -1 for Linear); only quantizers with a ``from_config`` (ASQ's adapter) use them."""
     cls = ACTIVATION_QUANTIZERS[config.activation_quantizer]
     if hasattr(cls, "from_config"):
-        return cls.from_config(config, bits, in_features=in_features, channel_dim=channel_dim)
-    return cls(bits)
+        quantizer = cls.from_config(config, bits, in_features=in_features, channel_dim=channel_dim)
+    else:
+        quantizer = cls(bits)
+    quantizer.range_estimator = config.range_estimator_for(bits)
+    return quantizer
 
 
 __all__ = [
     "ACTIVATION_QUANTIZERS",
+    "RANGE_ESTIMATORS",
     "WEIGHT_QUANTIZERS",
     "ActivationQuantizer",
     "WeightQuantizer",

@@ -9,13 +9,14 @@ Design choices (docs/methods.md has the reasons):
     per sample. Linear inputs (``channel_dim=-1``, ``[..., C]``) get one beta per position (token),
     so a sentence is quantized the same whatever the padding or the other sentences of the batch.
   * ``beta`` starts at exactly 1 (last layer weight 0, bias 1), so an initialised ASQ equals LSQ.
-  * The step is LSQ's (signedness and ``2 mean|x| / sqrt(Qp)`` from the first batch). Gradients as
+  * The step is LSQ's (signedness and step from the calibration batches). Gradients as
     in LSQ with ``s * beta`` as the step: the input gets the straight-through gradient inside the
     clipping range (the adapter reads a detached copy of the input), ``s`` gets
     ``1/sqrt(numel Qp)`` scaling and each beta ``1/sqrt(n Qp)``, ``n`` the elements it scales.
   * The adapter is not an ``nn.Linear``: quantize_model, sensitivity and PTQ must not see it as a
     layer of the model. Its initial values come from a fixed-seed generator, so they are the same on
-    every rank and in every build; ``init_from`` (first batch, ``initialized`` False) re-creates
+    every rank and in every build; calibration (``finish_calibration``, or the first batch when
+    ``initialized`` is False) re-creates
     them, which is what repairs transformers' meta-device loading (parameters not in the checkpoint
     are allocated uninitialised). A checkpoint whose ``initialized`` is False holds these same
     values (nothing trains before the first batch), so that reset never discards loaded state.
@@ -98,8 +99,8 @@ class ASQActivationQuantizer(LSQActivationQuantizer):
         return cls(bits, in_features, channel_dim)
 
     @torch.no_grad()
-    def init_from(self, x: torch.Tensor) -> None:
-        super().init_from(x)
+    def set_step(self, step: float) -> None:
+        super().set_step(step)
         self.adapter.reset_parameters()
 
     def multiplier(self, x: torch.Tensor) -> torch.Tensor:

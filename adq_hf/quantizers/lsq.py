@@ -74,21 +74,15 @@ class LSQWeightQuantizer(WeightQuantizer):
 
 @register_activation_quantizer("lsq")
 class LSQActivationQuantizer(ActivationQuantizer):
-    """Uniform activation levels ``k * step``; unsigned after ReLU, signed otherwise (first batch)."""
+    """Uniform activation levels ``k * step``; unsigned after ReLU, signed otherwise (calibration data)."""
 
     def __init__(self, bits: int):
         super().__init__(bits)
         self.step = nn.Parameter(torch.ones(()))
 
-    def int_range(self):
-        return signed_range(self.bits) if bool(self.signed) else (0, 2**self.bits - 1)
-
     @torch.no_grad()
-    def init_from(self, x: torch.Tensor) -> None:
-        self.signed.fill_(bool(x.min() < 0))
-        qmax = self.int_range()[1]
-        self.step.copy_((2 * x.abs().mean() / math.sqrt(qmax)).clamp(min=1e-8))
-        self.initialized.fill_(True)
+    def set_step(self, step: float) -> None:
+        self.step.fill_(step)
 
     def effective_step(self, x: torch.Tensor, qmax: int) -> torch.Tensor:
         """The step ``x`` is quantized with (LSQ's gradient scaling applied); ASQ multiplies it."""

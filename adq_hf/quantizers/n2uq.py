@@ -9,9 +9,9 @@ interval ``i`` the output moves linearly by one level over the interval, slope `
 which also gives gradients to ``start``, every ``d_i`` and ``scale``.
 
 Signed form (inputs that can be negative): integers ``-2**(b-1) .. 2**(b-1)-1``; unsigned (after
-ReLU): ``0 .. 2**b - 1``. Chosen from the first batch. Initialisation makes the quantizer equal to
-a uniform quantizer with LSQ's initial step ``2 mean|x| / sqrt(Qp)``; training then moves the
-thresholds apart.
+ReLU): ``0 .. 2**b - 1``. Chosen from the calibration data. Initialisation makes the quantizer equal
+to a uniform quantizer whose step comes from the calibration batches (``ActivationQuantizer``'s
+range estimators); training then moves the thresholds apart.
 """
 
 from __future__ import annotations
@@ -49,16 +49,13 @@ class N2UQActivationQuantizer(ActivationQuantizer):
         return self.start + torch.cumsum(d, 0) - d / 2
 
     @torch.no_grad()
-    def init_from(self, x: torch.Tensor) -> None:
-        self.signed.fill_(bool(x.min() < 0))
-        qmax = 2**self.bits - 1 + self.zero_point
-        step = float((2 * x.abs().mean() / math.sqrt(qmax)).clamp(min=1e-8))
+    def set_step(self, step: float) -> None:
+        """Start as the uniform quantizer of this step: equal intervals, zero maps to zero."""
         self.scale.fill_(step)
         # d = |raw| + eps must equal the step exactly, or the eps offsets add up along the intervals
         # and the quantizer would not start as the uniform one
         self.raw_intervals.fill_(step - _EPS if step > 2 * _EPS else step)
         self.start.fill_(step * self.zero_point)
-        self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
