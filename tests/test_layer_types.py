@@ -259,19 +259,26 @@ def test_deployed_embedding_decodes_only_the_rows_it_looks_up(monkeypatch):
     quantize_model(model, ADQConfig(embedding_bits=4))
     ids = torch.tensor([[3, 999, 3]])
     expected = model(ids).detach()
-    adq_hf.convert_for_inference(model)
+    adq_hf.convert_for_inference(model, exact=True)  # bit for bit (no fused matmul in the Linear)
 
     from adq_hf.deploy import layers as deploy_layers
 
-    decoded_shapes = []
+    decoded_shapes, looked_up = [], []
 
     def spy(packed, table, bits, shape):
         decoded_shapes.append(tuple(shape))
         return lut_decode(packed, table, bits, shape)
 
+    def rows_spy(packed, table, bits, shape, index):
+        looked_up.append(tuple(index.shape))
+        return decode.lut_decode_rows(packed, table, bits, shape, index)
+
     monkeypatch.setattr(deploy_layers, "lut_decode", spy)
+    monkeypatch.setattr(deploy_layers, "lut_decode_rows", rows_spy)
+    monkeypatch.setattr(deploy_layers.DeployedLayerMixin, "lut_plan", lambda self: None)  # the PyTorch decode path
     with torch.no_grad():
         assert torch.equal(model(ids), expected)
+    assert looked_up == [(1, 3)]
     assert decoded_shapes == [(4, 16)]  # the Linear's weight only, never the [1000, 16] table
 
 

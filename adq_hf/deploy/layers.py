@@ -101,14 +101,15 @@ class DeployedLayerMixin(QuantizedLayerMixin):
         """The kernels' arguments for this layer (``None``: the kernels cannot run it), kept while the
         codes, the bias and the weight quantizer's tensors are the same objects, unmodified in place."""
         quantizer = self.weight_quantizer
-        sources = (self.packed_weight, self.bias, *quantizer._parameters.values(), *quantizer._buffers.values())
+        bias = getattr(self, "bias", None)  # (embeddings have none)
+        sources = (self.packed_weight, bias, *quantizer._parameters.values(), *quantizer._buffers.values())
         cached = self.__dict__.get("_lut_plan")
         if cached is not None and len(cached[0]) == len(sources) and all(
                 a is b and (a is None or a._version == v) for (a, v), b in zip(cached[0], sources)):
             return cached[1]
         rows = self.code_shape[0]  # codes are output-major (transformers' Conv1D too)
         plan = kernels.make_plan(self.packed_weight, self.table(), self.weight_bits, rows, self.weight_numel // rows,
-                                 self.bias)
+                                 bias)
         self.__dict__["_lut_plan"] = (tuple((t, None if t is None else t._version) for t in sources), plan)
         return plan
 
