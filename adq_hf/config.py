@@ -71,8 +71,9 @@ class ADQConfig(QuantizationConfigMixin):
         granularity: one codebook/step per tensor (``"per_tensor"``) or per output channel (adq, lsq;
             POST always has one scale per output channel).
         codebook_init: ``"quantile"`` (ADQ) or ``"uniform"`` (ablation).
-        codebook_init_iters: Lloyd iterations (zero kept) run on the initial codebook, so training
-            starts at the fixed point of the EMA update instead of drifting to it; 0 keeps the raw init.
+        codebook_init_iters: at most this many Lloyd iterations (zero kept; they stop early at the fixed
+            point) run on the initial codebook, so training starts at the fixed point of the EMA update
+            instead of drifting to it; 0 keeps the raw init.
         codebook_update: ``"ema"`` (ADQ online adaptation) or ``"static"`` (ablation).
         ema_decay: EMA decay ``m`` in ``c <- m c + (1 - m) mean``, in (0, 1).
         ema_update_interval: optimiser steps between codebook updates (>= 1).

@@ -5,7 +5,8 @@
 
 ResNet-20 on 1x28x28 inputs at batch 128 (the Fashion-MNIST protocol), SGD step with
 cross-entropy. Methods are interleaved round by round so machine drift hits all of them alike;
-the report gives medians and ratios to FP.
+the report gives medians and ratios to FP. Also the weight quantizers' initialisation speed
+(``init`` rows: benchmarks/codebook_init.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import adq_hf
 from adq_hf import ADQConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from codebook_init import REFERENCE_COMMIT, speed_markdown, speed_rows  # noqa: E402
 from common import run_record, write_results  # noqa: E402
 
 METHODS = {
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
         "samples_per_method": len(times["fp"]), "fp_params": fp_params,
         "quantizer_params": extra_params,  # the quantizers' own parameters (ASQ: its adapters)
         "mixed_precision_s": {"sensitivity": sensitivity_s, "allocation": allocation_s},
+        "init": speed_rows(args.tier),
         **run_record("step_time.py", argv),
     }
     lines = ["| method | median step (s) | ratio to FP | quantizer parameters (% of FP) |", "|---|---:|---:|---:|"]
@@ -95,6 +98,8 @@ def main(argv=None) -> int:
               f"{extra_params[n]:,} ({100 * extra_params[n] / fp_params:.2f}%) |" for n in medians]
     lines += ["", f"Mixed precision for 2.8 average bits on one batch of 128 (`plan_mixed_precision`): Hutchinson "
               f"sensitivity {sensitivity_s:.2f} s, MILP allocation {allocation_s:.2f} s.", "",
+              "Weight-quantizer initialisation (`init_from`), one Qwen2.5-0.5B-shaped decoder layer's Linear weights "
+              "(benchmarks/codebook_init.py):", "", *speed_markdown(result["init"], REFERENCE_COMMIT), "",
               f"Command: `{result['command']}` (commit {result['commit']}, {result['machine']['threads']} threads)"]
     write_results(args.out, f"step_time_{args.tier}", result, lines)
     return 0

@@ -16,6 +16,7 @@ def test_step_time_quick_tier(tmp_path):
     assert set(result["median_step_s"]) == set(step_time.METHODS)
     assert result["ratio_to_fp"]["fp"] == 1.0 and all(v > 0 for v in result["median_step_s"].values())
     assert (tmp_path / "step_time_quick.md").read_text().startswith("| method")
+    assert {"adq_w4_per_channel", "lsq_w4_per_channel"} <= set(result["init"])
 
 
 def test_qat_accuracy_quick_tier(tmp_path, monkeypatch):
@@ -69,3 +70,16 @@ def test_readme_results_block_is_generated_from_the_committed_results(tmp_path):
     edited = text[:begin] + text[begin:].replace("|", "| 0.00 |", 1)
     readme.write_text(edited)
     assert readme_results.main(["--check", "--readme", str(readme)]) == 1
+
+
+def test_codebook_init_quick_tier(tmp_path):
+    import codebook_init
+
+    assert codebook_init.main(["--tier", "quick", "--out", str(tmp_path)]) == 0
+    result = json.load(open(tmp_path / "codebook_init_quick.json"))
+    assert set(codebook_init.SPEED_METHODS) <= set(result["speed"])
+    assert all(r["params_per_s"] > 0 for r in result["speed"].values())
+    for row in result["error"]:  # the error of the codebook this implementation fits, and the reference's
+        assert 0 < row["this"] < 1 and row["converged"] <= row["this"] * (1 + 1e-6)
+        if "reference" in row:
+            assert abs(row["this"] - row["reference"]) <= 1e-4 * row["reference"]
