@@ -20,7 +20,9 @@ BITS_RANGE = range(2, 9)
 # Named in the roadmap; selecting one before it exists gives a clear "not available yet" error.
 PLANNED_WEIGHT_QUANTIZERS: tuple = ()
 PLANNED_ACTIVATION_QUANTIZERS: tuple = ()
-GRANULARITIES = ("per_tensor", "per_channel")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+GROUP_TABLES = ("scaled", "codebooks")
+GROUPED_WEIGHT_QUANTIZERS = ("adq", "lsq")  # POST has one scale per output channel by definition
 CODEBOOK_INITS = ("quantile", "uniform")
 CODEBOOK_UPDATES = ("ema", "static")
 
@@ -68,8 +70,14 @@ class ADQConfig(QuantizationConfigMixin):
         modules_to_not_convert: module names or regexes kept in float (a name also covers its children).
         first_layer_bits / last_layer_bits: bits of the model's first layer (stem conv / patch embed)
             and classifier; ``None`` keeps them in float. Their input quantizer uses the same bits.
-        granularity: one codebook/step per tensor (``"per_tensor"``) or per output channel (adq, lsq;
-            POST always has one scale per output channel).
+        granularity: one codebook/step per tensor (``"per_tensor"``), per output channel
+            (``"per_channel"``) or per group of ``group_size`` input columns of an output channel
+            (``"per_group"``; adq and lsq; POST always has one scale per output channel).
+        group_size: columns per group with ``granularity="per_group"`` (a convolution's columns are
+            ``in * kh * kw``; a weight whose columns are not a multiple gets one group per output channel).
+        group_tables: the ADQ tables of ``per_group``: ``"scaled"`` (one codebook per tensor times a
+            float16 scale per group, the default: fewer bytes and lower error, docs/methods.md) or
+            ``"codebooks"`` (a codebook per group).
         codebook_init: ``"quantile"`` (ADQ) or ``"uniform"`` (ablation).
         codebook_init_iters: at most this many Lloyd iterations (zero kept; they stop early at the fixed
             point) run on the initial codebook, so training starts at the fixed point of the EMA update
@@ -92,6 +100,8 @@ class ADQConfig(QuantizationConfigMixin):
         first_layer_bits: Optional[int] = 8,
         last_layer_bits: Optional[int] = 8,
         granularity: str = "per_tensor",
+        group_size: int = 128,
+        group_tables: str = "scaled",
         codebook_init: str = "quantile",
         codebook_init_iters: int = 30,
         codebook_update: str = "ema",
@@ -121,6 +131,8 @@ class ADQConfig(QuantizationConfigMixin):
         self.first_layer_bits = first_layer_bits
         self.last_layer_bits = last_layer_bits
         self.granularity = granularity
+        self.group_size = group_size
+        self.group_tables = group_tables
         self.codebook_init = codebook_init
         self.codebook_init_iters = codebook_init_iters
         self.codebook_update = codebook_update
@@ -146,6 +158,14 @@ class ADQConfig(QuantizationConfigMixin):
             "activation_quantizer", self.activation_quantizer, ACTIVATION_QUANTIZERS, PLANNED_ACTIVATION_QUANTIZERS
         )
         _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("group_tables", self.group_tables, GROUP_TABLES)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"ADQConfig.group_size={self.group_size!r} is invalid: expected an integer >= 2 "
+                             "(weights per group along the input columns, e.g. 64 or 128).")
+        if self.granularity == "per_group" and self.weight_quantizer not in GROUPED_WEIGHT_QUANTIZERS:
+            raise ValueError(f"ADQConfig.granularity='per_group' is not available for weight_quantizer="
+                             f"{self.weight_quantizer!r} (one scale per output channel by definition); use it with "
+                             f"{list(GROUPED_WEIGHT_QUANTIZERS)}.")
         _check_choice("codebook_init", self.codebook_init, CODEBOOK_INITS)
         _check_choice("codebook_update", self.codebook_update, CODEBOOK_UPDATES)
         if not isinstance(self.layer_bits, dict):

@@ -11,11 +11,12 @@ against the implementation it replaced.
   LSQ and POST weight quantizers. Methods interleaved round by round, medians. Rows marked
   ``@COMMIT`` run ``initial_codebook`` as it was at ``--reference`` (read with ``git show``), in the
   same run, so the speed-up is a same-run ratio.
-* Error (``error_rows``): relative squared error ``||W - Q(W)||^2 / ||W||^2`` of the ADQ codebook
-  (quantiles + 30 Lloyd iterations) on real weights: all-MiniLM-L6-v2's Linear layers, the
-  Fashion-MNIST ResNet-20 teacher's convolutions (when cached by the B1/B2 benchmarks), and
-  heavy-tailed random rows (Student-t, 3 degrees of freedom), per channel and per tensor at 2/3/4
-  bits: this implementation, the reference's, and this one iterated to convergence.
+* Error (``error_rows``): relative squared error ``||W - Q(W)||^2 / ||W||^2`` of ADQ codebooks as
+  ``init_from`` fits them, and the bits per weight of their tables, on real weights: all-MiniLM-L6-v2's
+  Linear layers, the Fashion-MNIST ResNet-20 teacher's convolutions (when cached by the B1/B2
+  benchmarks), and heavy-tailed random rows (Student-t, 3 degrees of freedom), at 2/3/4 bits, per
+  tensor, per channel and per group (``ERROR_OPTIONS``); per tensor and per channel also the
+  reference implementation's error and this one's iterated to convergence.
 """
 
 from __future__ import annotations
@@ -108,12 +109,12 @@ def speed_rows(tier: str, reference: Optional[str] = REFERENCE_COMMIT) -> Dict[s
             for name, t in times.items()}
 
 
-def _relative_error(rows: torch.Tensor, book: torch.Tensor) -> float:
+def _squared_error(rows: torch.Tensor, book: torch.Tensor) -> float:
     from adq_hf.quantizers.codebook import nearest_codes
 
     rows = rows.to(torch.float32)
     rounded = book.gather(1, nearest_codes(rows, book)).double()
-    return float(((rounded - rows.double()) ** 2).sum() / (rows.double() ** 2).sum())
+    return float(((rounded - rows.double()) ** 2).sum())
 
 
 def real_weight_sets(settings: dict) -> Dict[str, List[torch.Tensor]]:
@@ -146,29 +147,54 @@ def _cached_teacher() -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
+ERROR_OPTIONS = {  # name: ADQConfig fields (ADQ codebooks, default initialisation)
+    "per_tensor": {"granularity": "per_tensor"},
+    "per_channel": {"granularity": "per_channel"},
+    "per_group 128, scaled": {"granularity": "per_group", "group_size": 128},
+    "per_group 64, scaled": {"granularity": "per_group", "group_size": 64},
+    "per_group 128, codebooks": {"granularity": "per_group", "group_size": 128, "group_tables": "codebooks"},
+}
+REFERENCE_OPTIONS = ("per_tensor", "per_channel")  # the granularities the reference implementation had
+
+
 def error_rows(tier: str, reference: Optional[str] = REFERENCE_COMMIT) -> List[dict]:
+    """Relative squared error and table bits per weight of every option on every weight set; for the
+    per-tensor/per-channel codebooks also the reference implementation's and the converged one's."""
+    import warnings
+
+    from adq_hf import ADQConfig
+    from adq_hf.quantizers import make_weight_quantizer
     from adq_hf.quantizers.codebook import initial_codebook
 
     settings = TIERS[tier]
     old = reference_initial_codebook(reference) if reference else None
     rows = []
     for set_name, tensors in real_weight_sets(settings).items():
-        for granularity in ("per_channel", "per_tensor"):
-            for bits in settings["error_bits"]:
-                sums = {"this": [0.0, 0.0], "reference": [0.0, 0.0], "converged": [0.0, 0.0]}
+        energy = sum(float((w.double() ** 2).sum()) for w in tensors)
+        params = sum(w.numel() for w in tensors)
+        for bits in settings["error_bits"]:
+            for option, fields in ERROR_OPTIONS.items():
+                config = ADQConfig(weight_bits=bits, **fields)
+                error = table = 0.0
+                extra = {"reference": 0.0, "converged": 0.0}
                 for w in tensors:
-                    r = w.reshape(w.shape[0], -1) if granularity == "per_channel" else w.reshape(1, -1)
-                    energy = float((r.double() ** 2).sum())
-                    books = {"this": initial_codebook(r, bits, iters=30),
-                             "converged": initial_codebook(r, bits, iters=1000)}
+                    with warnings.catch_warnings():  # convs whose columns are not a multiple: per channel
+                        warnings.simplefilter("ignore")
+                        q = make_weight_quantizer(config, bits, w.shape)
+                    q.init_from(w)
+                    error += float(((q(w) - w).double() ** 2).sum())
+                    table += q.table_bytes()
+                    if option in REFERENCE_OPTIONS:
+                        r = w.reshape(w.shape[0], -1) if option == "per_channel" else w.reshape(1, -1)
+                        extra["converged"] += _squared_error(r, initial_codebook(r, bits, iters=1000))
+                        if old is not None:
+                            extra["reference"] += _squared_error(r, old(r, bits, "quantile", 30))
+                row = {"weights": set_name, "option": option, "bits": bits, "params": params,
+                       "error": error / energy, "table_bits_per_weight": 8 * table / params}
+                if option in REFERENCE_OPTIONS:
+                    row["converged"] = extra["converged"] / energy
                     if old is not None:
-                        books["reference"] = old(r, bits, "quantile", 30)
-                    for key, book in books.items():
-                        sums[key][0] += _relative_error(r, book) * energy
-                        sums[key][1] += energy
-                row = {"weights": set_name, "granularity": granularity, "bits": bits,
-                       "params": sum(t.numel() for t in tensors)}
-                row.update({key: s[0] / s[1] for key, s in sums.items() if s[1]})
+                        row["reference"] = extra["reference"] / energy
                 rows.append(row)
     return rows
 
@@ -199,14 +225,17 @@ def main(argv=None) -> int:
     lines = [f"Initialisation speed, one thread, one Qwen2.5-0.5B-shaped decoder layer's Linear weights "
              f"(dimensions / {TIERS[args.tier]['scale']}), medians of {TIERS[args.tier]['rounds']} rounds:", ""]
     lines += speed_markdown(speed, args.reference)
-    lines += ["", "Relative squared error ||W - Q(W)||^2 / ||W||^2 of the ADQ codebook (quantiles + 30 Lloyd "
-              f"iterations): this implementation, the one at {args.reference}, and this one iterated to convergence "
-              "(up to 1,000 iterations):", "",
-              "| weights | granularity | bits | this | reference | converged |", "|---|---|---:|---:|---:|---:|"]
+    lines += ["", "Relative squared error ||W - Q(W)||^2 / ||W||^2 of ADQ codebooks as `init_from` fits them (default "
+              "settings) and the bits per weight their tables cost (codebooks fp32, group scales fp16); per tensor and "
+              f"per channel also the implementation at {args.reference} and this one iterated to convergence (up to "
+              "1,000 Lloyd iterations):", "",
+              "| weights | option | bits | error | table bits / weight | reference | converged |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for r in errors:
         ref = f"{r['reference']:.6f}" if "reference" in r else ""
-        lines.append(f"| {r['weights']} | {r['granularity']} | {r['bits']} | {r['this']:.6f} | {ref} | "
-                     f"{r['converged']:.6f} |")
+        conv = f"{r['converged']:.6f}" if "converged" in r else ""
+        lines.append(f"| {r['weights']} | {r['option']} | {r['bits']} | {r['error']:.6f} | "
+                     f"{r['table_bits_per_weight']:.3f} | {ref} | {conv} |")
     lines += ["", f"Command: `{result['command']}` (commit {result['commit']})"]
     write_results(args.out, f"codebook_init_{args.tier}", result, lines)
     return 0

@@ -1,11 +1,15 @@
-"""ADQ codebook options: the vectorised initialisation (sorted rows), and its equality with the
-reference it replaced."""
+"""ADQ codebook options: the vectorised initialisation (sorted rows) and its equality with the
+reference it replaced; group-wise tables (per-group scales of a shared codebook, or a codebook per
+group): layout, error, bytes, EMA."""
 
 import pytest
 import torch
 
-from adq_hf.quantizers import CodebookWeightQuantizer
-from adq_hf.quantizers.codebook import SortedRows, initial_codebook, move_levels, nearest_codes
+from adq_hf import ADQConfig
+from adq_hf.quantizers import CodebookWeightQuantizer, make_weight_quantizer
+from adq_hf.quantizers.base import weight_groups
+from adq_hf.quantizers.codebook import (SortedRows, fit_scaled_codebook, initial_codebook, move_levels,
+                                        nearest_codes)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,3 +104,202 @@ def test_quantizer_init_from_a_conv_weight_per_channel():
     q = CodebookWeightQuantizer(2, num_groups=8)
     q.init_from(weight)
     assert torch.equal(q.codebook, initial_codebook(weight.reshape(8, -1), 2, iters=30))
+
+
+# ---------------------------------------------------------------- group-wise tables
+
+def _minilm_linear_weights(count=3):
+    import os
+
+    from safetensors.torch import load_file
+
+    from adq_hf.data import minilm_path
+
+    state = load_file(os.path.join(minilm_path(), "model.safetensors"))
+    names = [k for k, v in state.items() if k.endswith(".weight") and v.dim() == 2 and "embeddings" not in k]
+    return [state[n] for n in names[:count]] + [state[names[5]]]  # q, k, v and a 384 x 1536 output layer
+
+
+def _relative_error(q, weight):
+    return float(((q(weight) - weight).double() ** 2).sum() / (weight.double() ** 2).sum())
+
+
+def test_group_options_are_validated_with_clear_errors():
+    with pytest.raises(ValueError, match="group_size"):
+        ADQConfig(granularity="per_group", group_size=1)
+    with pytest.raises(ValueError, match="group_size"):
+        ADQConfig(granularity="per_group", group_size=True)
+    with pytest.raises(ValueError, match="group_tables"):
+        ADQConfig(granularity="per_group", group_tables="shared")
+    with pytest.raises(ValueError, match="per_group.*post"):
+        ADQConfig(weight_quantizer="post", granularity="per_group")
+    config = ADQConfig(granularity="per_group", group_size=64)
+    assert ADQConfig.from_dict(config.to_dict()) == config
+
+
+def test_groups_are_contiguous_slices_and_conv_columns_fall_back_to_channels():
+    config = ADQConfig(weight_bits=3, granularity="per_group", group_size=64)
+    assert weight_groups(config, (96, 384)) == 96 * 6
+    assert weight_groups(config, (8, 64, 3, 3)) == 8 * 9  # columns in * kh * kw = 576
+    with pytest.warns(UserWarning, match="144 columns, not a multiple of group_size=64"):
+        assert weight_groups(config, (32, 16, 3, 3)) == 32
+    q = make_weight_quantizer(config, 3, (8, 64, 3, 3))
+    torch.manual_seed(0)
+    weight = torch.randn(8, 64, 3, 3)
+    q.init_from(weight)
+    table = q.levels()
+    assert table.shape == (72, 8) and q.scale.dtype == torch.float16 and q.codebook.shape == (1, 8)
+    assert ((table == 0).sum(dim=1) == 1).all() and (table.diff(dim=1) > 0).all()
+    # group g holds the g-th run of 64 weights of the row-major flattened weight, decoded by its own table
+    codes = q.encode(weight)
+    flat = weight.reshape(-1)
+    for g in (0, 5, 71):
+        assert torch.equal(q.decode(codes).reshape(-1)[64 * g:64 * (g + 1)],
+                           table[g][codes.reshape(-1)[64 * g:64 * (g + 1)]])
+        distances = (flat[64 * g:64 * (g + 1), None] - table[g][None, :]).abs()  # the nearest of its own levels
+        assert torch.allclose(distances.gather(1, codes.reshape(-1)[64 * g:64 * (g + 1), None]).squeeze(1),
+                              distances.min(dim=1).values, atol=1e-6)
+    assert torch.equal(q(weight), q.decode(codes))
+    lsq = make_weight_quantizer(ADQConfig(weight_quantizer="lsq", granularity="per_group", group_size=64), 3, (8, 576))
+    assert lsq.step.shape == (72, 1) and lsq.levels().shape == (72, 8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_group_scales_beat_per_channel_codebooks_on_error_and_bytes(bits):
+    # real MiniLM weights: a per-channel fp32 codebook costs 2**b * 32 / 384 bits per weight there
+    config = {name: ADQConfig(weight_bits=bits, **fields) for name, fields in {
+        "channel": {"granularity": "per_channel"},
+        "g64": {"granularity": "per_group", "group_size": 64},
+        "g128_codebooks": {"granularity": "per_group", "group_size": 128, "group_tables": "codebooks"}}.items()}
+    errors, table_bytes = {n: 0.0 for n in config}, {n: 0 for n in config}
+    for weight in _minilm_linear_weights():
+        for name, c in config.items():
+            q = make_weight_quantizer(c, bits, weight.shape)
+            q.init_from(weight)
+            errors[name] += _relative_error(q, weight)
+            table_bytes[name] += q.table_bytes()
+    assert errors["g64"] < errors["channel"]
+    assert max(table_bytes["g64"], table_bytes["channel"]) < table_bytes["g128_codebooks"]
+    if bits >= 3:  # 2**b fp32 levels per 384-column row cost more than an fp16 scale per 64 columns
+        assert table_bytes["g64"] < table_bytes["channel"]
+
+
+def test_scale_rounds_lower_the_weighted_error():
+    torch.manual_seed(5)
+    rows = torch.distributions.StudentT(3.0).sample((64, 64))
+    importance = torch.rand(64, 64)
+
+    def weighted_error(book, scale):
+        table = book * scale.float()
+        q = table.gather(1, nearest_codes(rows, table))
+        return float((importance * (q - rows) ** 2).sum())
+
+    errors = [weighted_error(*fit_scaled_codebook(rows, 3, iters=100, importance=importance, rounds=r))
+              for r in (0, 1, 3)]
+    assert errors[1] < errors[0] and errors[2] <= errors[1] * 1.001
+
+
+def test_group_scales_ema_moves_the_shared_codebook_to_weighted_means():
+    q = CodebookWeightQuantizer(2, num_groups=2, ema_decay=0.5, group_scales=True)
+    q.codebook.copy_(torch.tensor([[-1.0, 0.0, 0.5, 1.0]]))
+    q.scale.copy_(torch.tensor([[1.0], [2.0]], dtype=torch.float16))
+    weight = torch.tensor([[-0.8, 0.1, 0.6, 0.9], [-2.0, 0.0, 1.2, 1.6]])
+    # normalised: [-0.8, 0.1, 0.6, 0.9] and [-1.0, 0.0, 0.6, 0.8], weights s**2 = 1 and 4
+    q.ema_update(weight)
+    expected_low = 0.5 * -1.0 + 0.5 * (1 * -0.8 + 4 * -1.0) / 5
+    expected_mid = 0.5 * 0.5 + 0.5 * (1 * 0.6 + 4 * 0.6) / 5
+    expected_top = 0.5 * 1.0 + 0.5 * (1 * 0.9 + 4 * 0.8) / 5
+    assert q.codebook[0].tolist() == pytest.approx([expected_low, 0.0, expected_mid, expected_top], abs=1e-6)
+
+
+def test_memory_report_and_allocation_count_the_group_scales():
+    import adq_hf
+    from adq_hf.deploy import memory_report
+    from adq_hf.mixed_precision import layer_bytes
+
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    config = ADQConfig(weight_bits=3, granularity="per_group", group_size=64, last_layer_bits=3)
+    adq_hf.quantize_model(model, config)
+    report = memory_report(model)
+    # codes + an fp32 codebook of 8 levels + one fp16 scale per group of 64 (the 32-column layer: per channel)
+    expected = (256 * 32 * 3 / 8 + 8 * 4 + 32 * 4 * 2) + (32 * 8 * 3 / 8 + 8 * 4 + 8 * 2)
+    assert report["information_limit_bytes"] == round(expected)
+    assert report["bits_per_weight"] == pytest.approx(8 * expected / (256 * 32 + 32 * 8))
+    assert layer_bytes(model[0].latent_weight(), 3, config) == 256 * 32 * 3 // 8 + 8 * 4 + 128 * 2
+
+
+# ---------------------------------------------------------------- group-wise tables end to end
+
+GROUP_CONFIGS = {
+    "scaled": ADQConfig(weight_bits=3, granularity="per_group", group_size=16),
+    "codebooks": ADQConfig(weight_bits=2, granularity="per_group", group_size=16, group_tables="codebooks"),
+    "lsq": ADQConfig(weight_bits=3, weight_quantizer="lsq", granularity="per_group", group_size=16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_CONFIGS))
+def test_grouped_resnet_packs_reloads_deploys_and_exports_exactly(name, tmp_path):
+    import timm
+
+    import adq_hf
+    from adq_hf.deploy import convert_for_inference, export_onnx, memory_report
+
+    torch.manual_seed(0)
+    # ResNet-20's convs have 144, 288 and 576 columns: groups of 16 everywhere (the 1-channel stem's 9
+    # columns fall back to one group per channel)
+    with pytest.warns(UserWarning, match="9 columns"):
+        model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1, quantization_config=GROUP_CONFIGS[name])
+    layer = model.layer2[0].conv1
+    assert layer.weight_quantizer.levels().shape == (32 * 144 // 16, 2**layer.weight_bits)
+    x = torch.randn(4, 1, 28, 28)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    model(x).logsumexp(-1).mean().backward()  # a training step: the EMA moves the (shared) codebooks
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    adq_hf.save_pretrained(model, str(tmp_path / "ckpt"))
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'ckpt'}").eval()
+    deployed = timm.create_model(f"local-dir:{tmp_path / 'ckpt'}", deploy=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), expected)
+        assert torch.equal(deployed(x), expected)
+    if name == "scaled":  # the scales are stored in float16 and counted at 2 bytes
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), framework="pt") as f:
+            assert f.get_tensor("layer2.0.conv1.weight_quantizer.scale").dtype == torch.float16
+    report = memory_report(convert_for_inference(reloaded))
+    assert report["quantized_weight_bytes"] <= 1.01 * report["information_limit_bytes"]
+    result = export_onnx(deployed, x[:1], str(tmp_path / "model.onnx"))
+    assert result["rel_l2"] < 1e-5
+
+
+def test_grouped_bert_from_pretrained_saves_reloads_deploys_and_exports(tmp_path):
+    from transformers import AutoModel, BertConfig, BertModel
+
+    import adq_hf
+    from adq_hf.deploy import export_onnx
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=100)
+    BertModel(cfg).save_pretrained(tmp_path / "fp")
+    config = ADQConfig(weight_bits=3, granularity="per_group", group_size=32)
+    model = AutoModel.from_pretrained(tmp_path / "fp", quantization_config=config).eval()
+    query = model.encoder.layer[0].attention.self.query
+    assert query.weight_quantizer.scale.shape == (64 * 2, 1)
+    batch = {"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModel.from_pretrained(tmp_path / "q").eval()
+    assert reloaded.config.quantization_config == config
+    assert reloaded.encoder.layer[0].attention.self.query.weight_quantizer.scale.dtype == torch.float16
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).last_hidden_state, expected)
+    adq_hf.convert_for_inference(reloaded)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).last_hidden_state, expected)
+    assert export_onnx(reloaded, batch, str(tmp_path / "bert.onnx"))["rel_l2"] < 1e-5

@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import WeightQuantizer, register_weight_quantizer, straight_through
+from .base import WeightQuantizer, register_weight_quantizer, straight_through, weight_groups
 
 
 def sort_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -41,6 +41,13 @@ def sort_rows(rows: torch.Tensor) -> torch.Tensor:
     if rows.device.type == "cpu" and rows.dtype == torch.float32 and not rows.requires_grad:
         return torch.from_numpy(np.sort(rows.numpy(), axis=1))
     return rows.sort(dim=1).values
+
+
+def argsort_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts each row (numpy's argsort on the CPU, as :func:`sort_rows`)."""
+    if rows.device.type == "cpu" and rows.dtype == torch.float32 and not rows.requires_grad:
+        return torch.from_numpy(np.argsort(rows.numpy(), axis=1))
+    return rows.sort(dim=1).indices
 
 
 def _prefix(values: torch.Tensor) -> torch.Tensor:
@@ -64,7 +71,8 @@ class SortedRows:
             weighted = self.values.to(torch.float64)
             self._mass = None
         else:
-            self.values, order = rows.sort(dim=1)
+            order = argsort_rows(rows)
+            self.values = rows.gather(1, order)
             w = importance.gather(1, order).to(torch.float64)
             self._mass = _prefix(w)
             weighted = w * self.values
@@ -112,6 +120,15 @@ class SortedRows:
         means = (total / mass.clamp(min=torch.finfo(torch.float64).tiny)).to(codebook.dtype)
         movable = (mass > 0) & (codebook != 0)
         return torch.where(movable, means, codebook).sort(dim=1).values
+
+    def lloyd(self, codebook: torch.Tensor, iters: int) -> torch.Tensor:
+        """At most ``iters`` Lloyd steps; stops at the fixed point (every further step is the same)."""
+        for _ in range(iters):
+            moved = self.lloyd_step(codebook)
+            if torch.equal(moved, codebook):
+                break
+            codebook = moved
+        return codebook
 
     def error(self, codebook: torch.Tensor) -> torch.Tensor:
         """Per row, the (importance-weighted) squared error of nearest-level rounding (needs ``squares``)."""
@@ -231,24 +248,75 @@ def initial_codebook(weight_rows: torch.Tensor, bits: int, init: str = "quantile
         chunk = rows[start:start + per_chunk]
         weights = None if importance is None else importance[start:start + per_chunk]
         data = SortedRows(chunk, weights, squares=init == "uniform")
-        book = _initial_levels(data, bits, init)
-        for _ in range(iters):
-            moved = data.lloyd_step(book)
-            if torch.equal(moved, book):
-                break
-            book = moved
-        books.append(book)
+        books.append(data.lloyd(_initial_levels(data, bits, init), iters))
     return torch.cat(books)
 
 
-def move_levels(codebook: torch.Tensor, rows: torch.Tensor, decay: float) -> torch.Tensor:
+SCALE_DTYPE = torch.float16  # per-group scales are stored (and used) at this precision
+# A codebook shared by all groups of a tensor is one long row: its Lloyd steps are cheap, and 30 are
+# far from converged there (docs/methods.md), so it gets at least this many (unless 0: the raw init).
+SHARED_CODEBOOK_ITERS = 100
+
+
+def fit_scaled_codebook(rows: torch.Tensor, bits: int, init: str = "quantile", iters: int = 30,
+                        importance: Optional[torch.Tensor] = None, rounds: int = 1):
+    """One codebook ``[1, 2**bits]`` shared by every row of ``rows [groups, G]``, times a scale per row
+    (``[groups, 1]``, ``SCALE_DTYPE``): the table of group ``g`` is ``scale[g] * codebook``.
+
+    Alternating minimisation of the (importance-weighted) squared error, starting from the rows'
+    absolute maxima as scales: the codebook is fitted (quantiles, then at most ``iters`` Lloyd steps) to
+    the pooled normalised weights ``w / s``, weighted by ``s**2`` (the error of ``w`` is ``s**2`` times
+    that of ``w / s``); then, ``rounds`` times, each scale becomes the least-squares one for the levels
+    its weights round to and the codebook is refitted. Scales are rounded to ``SCALE_DTYPE`` before
+    every fit, so the codebook is fitted to the scales that are stored."""
+    rows = rows.detach().to(torch.float32)
+    weights = None if importance is None else importance.detach().to(torch.float32).reshape(rows.shape)
+    scale = _representable_scales(rows.abs().amax(dim=1, keepdim=True))
+    book = None
+    for round_ in range(rounds + 1):
+        live = scale > 0
+        safe = torch.where(live, scale, torch.ones_like(scale))
+        fit_weights = (safe * safe * live).expand_as(rows) if weights is None else weights * safe * safe * live
+        data = SortedRows((rows / safe).reshape(1, -1), fit_weights.reshape(1, -1))
+        book = data.lloyd(_initial_levels(data, bits, init) if book is None else book, iters)
+        if round_ < rounds:
+            scale = _representable_scales(_least_squares_scale(rows, weights, book, safe) * live)
+    return book, scale.to(SCALE_DTYPE)
+
+
+def _least_squares_scale(rows, weights, book, scale):
+    """Per row, the scale minimising ``sum weights (w - s c_k)**2`` for the levels ``c_k`` the row's
+    normalised weights ``w / scale`` round to."""
+    midpoints = (book[0, 1:] + book[0, :-1]) / 2
+    levels = book[0][torch.bucketize(rows / scale, midpoints)]
+    weighted = levels if weights is None else weights * levels
+    num = (weighted * rows).sum(dim=1, keepdim=True)
+    den = (weighted * levels).sum(dim=1, keepdim=True)
+    return torch.where((den > 0) & (num > 0), num / den.clamp(min=1e-30), scale)
+
+
+def _representable_scales(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` rounded to ``SCALE_DTYPE`` (float32 again); a clear error if one does not fit."""
+    top = torch.finfo(SCALE_DTYPE).max
+    if bool((scale > top).any()):
+        raise ValueError(f"a weight group's scale {float(scale.max()):.3g} exceeds {SCALE_DTYPE}'s range ({top:.0f}): "
+                         "use granularity='per_channel' or 'per_tensor' for this model.")
+    return scale.to(SCALE_DTYPE).to(torch.float32)
+
+
+def move_levels(codebook: torch.Tensor, rows: torch.Tensor, decay: float,
+                weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``c <- decay c + (1 - decay) mean(weights nearest to c)`` for every non-zero level that has
     weights (zero and empty levels stay), re-sorted: the EMA update, and with ``decay=0`` one Lloyd
-    iteration."""
+    iteration. ``weights`` (like ``rows``): a weighted mean instead."""
     codes = nearest_codes(rows, codebook)
-    sums = torch.zeros_like(codebook).scatter_add_(1, codes, rows)
-    counts = torch.zeros_like(codebook).scatter_add_(1, codes, torch.ones_like(rows))
-    means = sums / counts.clamp(min=1)
+    if weights is None:
+        sums = torch.zeros_like(codebook).scatter_add_(1, codes, rows)
+        counts = torch.zeros_like(codebook).scatter_add_(1, codes, torch.ones_like(rows))
+    else:
+        sums = torch.zeros_like(codebook).scatter_add_(1, codes, weights * rows)
+        counts = torch.zeros_like(codebook).scatter_add_(1, codes, weights)
+    means = sums / torch.where(counts > 0, counts, torch.ones_like(counts))
     movable = (counts > 0) & (codebook != 0)
     return torch.where(movable, decay * codebook + (1 - decay) * means, codebook).sort(dim=1).values
 
@@ -261,7 +329,14 @@ def nearest_codes(rows: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 @register_weight_quantizer("adq")
 class CodebookWeightQuantizer(WeightQuantizer):
-    """Non-uniform codebook quantizer (ADQ). ``per_channel`` gives each output channel its own levels."""
+    """Non-uniform codebook quantizer (ADQ).
+
+    The row-major flattened weight is split into ``num_groups`` contiguous groups (1: per tensor; the
+    output channels: per channel; ``rows * cols / G``: per group of ``G`` columns). Each group's table
+    (``levels()``, ``[num_groups, 2**bits]``) is its own codebook row, or, with ``group_scales``, one
+    codebook shared by the tensor times the group's scale (``scale [num_groups, 1]``, float16): the
+    same table layout for packing, deploy and ONNX, at a fraction of the bytes (docs/methods.md).
+    """
 
     def __init__(
         self,
@@ -272,6 +347,7 @@ class CodebookWeightQuantizer(WeightQuantizer):
         update_interval: int = 1,
         adapt: bool = True,
         init_iters: int = 30,
+        group_scales: bool = False,
     ):
         super().__init__(bits)
         self.init = init
@@ -279,7 +355,8 @@ class CodebookWeightQuantizer(WeightQuantizer):
         self.ema_decay = float(ema_decay)
         self.update_interval = int(update_interval)
         self.adapt = bool(adapt)
-        self.register_buffer("codebook", torch.zeros(num_groups, 2**bits))
+        self.register_buffer("codebook", torch.zeros(1 if group_scales else num_groups, 2**bits))
+        self.register_buffer("scale", torch.ones(num_groups, 1, dtype=SCALE_DTYPE) if group_scales else None)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         # optimiser steps seen (saved, so a resumed run keeps the update_interval phase)
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
@@ -289,7 +366,7 @@ class CodebookWeightQuantizer(WeightQuantizer):
 
     @classmethod
     def from_config(cls, config, bits: int, weight_shape) -> "CodebookWeightQuantizer":
-        groups = weight_shape[0] if config.granularity == "per_channel" else 1
+        groups = weight_groups(config, weight_shape)
         return cls(
             bits,
             num_groups=groups,
@@ -298,24 +375,51 @@ class CodebookWeightQuantizer(WeightQuantizer):
             update_interval=config.ema_update_interval,
             adapt=config.codebook_update == "ema",
             init_iters=config.codebook_init_iters,
+            group_scales=config.granularity == "per_group" and config.group_tables == "scaled",
         )
 
+    @property
+    def num_groups(self) -> int:
+        return self.codebook.shape[0] if self.scale is None else self.scale.shape[0]
+
     def _rows(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.reshape(self.codebook.shape[0], -1)
+        return weight.reshape(self.num_groups, -1)
 
     @torch.no_grad()
-    def init_from(self, weight: torch.Tensor) -> None:
+    def init_from(self, weight: torch.Tensor, importance: Optional[torch.Tensor] = None) -> None:
+        """Fit the tables to ``weight``; ``importance`` (non-negative, like ``weight``) weighs each
+        weight's squared error in the fit (sensitivity-weighted codebooks)."""
         rows = self._rows(weight.detach()).to(torch.float32)
-        self.codebook.copy_(initial_codebook(rows, self.bits, self.init, self.init_iters).to(self.codebook))
+        if importance is not None:
+            importance = self._rows(importance.detach()).to(torch.float32)
+        if self.scale is None:
+            book = initial_codebook(rows, self.bits, self.init, self.init_iters, importance)
+        else:
+            iters = max(self.init_iters, SHARED_CODEBOOK_ITERS) if self.init_iters else 0
+            book, scale = fit_scaled_codebook(rows, self.bits, self.init, iters, importance)
+            self.scale.copy_(scale)
+        self.codebook.copy_(book.to(self.codebook))
         self.num_updates.zero_()  # buffers may hold garbage (transformers creates missing keys empty)
         self.num_steps.zero_()
         self._last_version = weight._version
 
+    def _normalised(self, rows: torch.Tensor):
+        """``(rows / scale, scale**2)`` with the scale of every group (1 for an all-zero group)."""
+        scale = self.scale.to(rows.dtype)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return rows / scale, (scale * scale).expand_as(rows)
+
     @torch.no_grad()
     def ema_update(self, weight: torch.Tensor) -> None:
-        """One EMA step of every level towards the mean of the weights currently assigned to it."""
+        """One EMA step of every level towards the mean of the weights currently assigned to it
+        (with group scales: of the normalised weights ``w / s``, weighted by ``s**2``)."""
         rows = self._rows(weight.detach()).to(self.codebook.dtype)
-        self.codebook.copy_(move_levels(self.codebook, rows, self.ema_decay))
+        if self.scale is None:
+            self.codebook.copy_(move_levels(self.codebook, rows, self.ema_decay))
+        else:
+            normalised, weights = self._normalised(rows)
+            self.codebook.copy_(move_levels(self.codebook, normalised.reshape(1, -1), self.ema_decay,
+                                            weights.reshape(1, -1)))
         self.num_updates += 1
 
     def _maybe_adapt(self, weight: torch.Tensor) -> None:
@@ -330,16 +434,23 @@ class CodebookWeightQuantizer(WeightQuantizer):
             self.ema_update(weight)
 
     def levels(self) -> torch.Tensor:
-        return self.codebook
+        if self.scale is None:
+            return self.codebook
+        return self.codebook * self.scale.to(self.codebook.dtype)
 
     def encode(self, weight: torch.Tensor) -> torch.Tensor:
         rows = self._rows(weight.detach()).to(self.codebook.dtype)
-        return nearest_codes(rows, self.codebook).reshape(weight.shape)
+        if self.scale is None:
+            return nearest_codes(rows, self.codebook).reshape(weight.shape)
+        # one shared codebook: search the normalised weights in its midpoints (one 1-D search table)
+        book = self.codebook[0]
+        midpoints = (book[1:] + book[:-1]) / 2
+        return torch.bucketize(self._normalised(rows)[0], midpoints).reshape(weight.shape)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        groups = self.codebook.shape[0]
+        groups = self.num_groups
         flat = codes.reshape(groups, -1).long()
-        book = self.codebook
+        book = self.levels()
         if groups == 1:
             return book[0][flat].reshape(codes.shape)
         return torch.gather(book, 1, flat).reshape(codes.shape)
@@ -350,7 +461,8 @@ class CodebookWeightQuantizer(WeightQuantizer):
         return straight_through(quantized, weight)
 
     def extra_repr(self) -> str:
+        scales = ", group scales" if self.scale is not None else ""
         return (
-            f"bits={self.bits}, groups={self.codebook.shape[0]}, init={self.init}, init_iters={self.init_iters}, "
+            f"bits={self.bits}, groups={self.num_groups}{scales}, init={self.init}, init_iters={self.init_iters}, "
             f"ema_decay={self.ema_decay}, adapt={self.adapt}"
         )
