@@ -23,6 +23,7 @@ PLANNED_ACTIVATION_QUANTIZERS: tuple = ()
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 GROUP_TABLES = ("scaled", "codebooks")
 GROUPED_WEIGHT_QUANTIZERS = ("adq", "lsq")  # POST has one scale per output channel by definition
+CODEBOOK_WEIGHTINGS = ("hessian", "fisher")
 CODEBOOK_INITS = ("quantile", "uniform")
 CODEBOOK_UPDATES = ("ema", "static")
 
@@ -83,6 +84,10 @@ class ADQConfig(QuantizationConfigMixin):
             point) run on the initial codebook, so training starts at the fixed point of the EMA update
             instead of drifting to it; 0 keeps the raw init.
         codebook_update: ``"ema"`` (ADQ online adaptation) or ``"static"`` (ablation).
+        codebook_weighting: ``None`` (plain k-means) or the per-weight importance the ADQ codebooks are
+            fitted with, from calibration data (``quantize_model(..., calibration_data=...)`` or
+            ``adq_hf.fit_codebooks`` after loading): ``"hessian"`` (the layer input's second moment,
+            the diagonal of PTQ's Hessian) or ``"fisher"`` (squared gradients); see ``adq_hf.importance``.
         ema_decay: EMA decay ``m`` in ``c <- m c + (1 - m) mean``, in (0, 1).
         ema_update_interval: optimiser steps between codebook updates (>= 1).
         target_avg_bits: a parameter-weighted average weight-bit budget for mixed precision; the
@@ -105,6 +110,7 @@ class ADQConfig(QuantizationConfigMixin):
         codebook_init: str = "quantile",
         codebook_init_iters: int = 30,
         codebook_update: str = "ema",
+        codebook_weighting: Optional[str] = None,
         ema_decay: float = 0.99,
         ema_update_interval: int = 1,
         target_avg_bits: Optional[float] = None,
@@ -136,6 +142,7 @@ class ADQConfig(QuantizationConfigMixin):
         self.codebook_init = codebook_init
         self.codebook_init_iters = codebook_init_iters
         self.codebook_update = codebook_update
+        self.codebook_weighting = codebook_weighting
         self.ema_decay = ema_decay
         self.ema_update_interval = ema_update_interval
         self.target_avg_bits = target_avg_bits
@@ -168,6 +175,12 @@ class ADQConfig(QuantizationConfigMixin):
                              f"{list(GROUPED_WEIGHT_QUANTIZERS)}.")
         _check_choice("codebook_init", self.codebook_init, CODEBOOK_INITS)
         _check_choice("codebook_update", self.codebook_update, CODEBOOK_UPDATES)
+        if self.codebook_weighting is not None:
+            _check_choice("codebook_weighting", self.codebook_weighting, CODEBOOK_WEIGHTINGS)
+            if self.weight_quantizer != "adq":
+                raise ValueError(f"ADQConfig.codebook_weighting={self.codebook_weighting!r} weights the fit of ADQ "
+                                 f"codebooks; weight_quantizer={self.weight_quantizer!r} has none (use 'adq' or "
+                                 "codebook_weighting=None).")
         if not isinstance(self.layer_bits, dict):
             raise ValueError(f"ADQConfig.layer_bits must be a dict {{module name or regex: bits}}, got {self.layer_bits!r}.")
         _check_patterns("layer_bits", self.layer_bits)

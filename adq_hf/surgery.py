@@ -137,10 +137,12 @@ def register_post_convert_hook(hook: Callable[[nn.Module, ADQConfig], None]) -> 
         POST_CONVERT_HOOKS.append(hook)
 
 
-def convert_model(model: nn.Module, config: ADQConfig, init_from_weights: bool = True) -> nn.Module:
+def convert_model(model: nn.Module, config: ADQConfig, init_from_weights: bool = True,
+                  importance: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
     """Swap the layers :func:`plan_quantization` selects for quantized ones, in place, and
     initialise their weight quantizers from the weights (``init_from_weights=False``: the weights
-    are not loaded yet: meta device, pre-quantized checkpoints).
+    are not loaded yet: meta device, pre-quantized checkpoints). ``importance`` (``{layer name:
+    tensor like its weight}``) weights the fit of the layers it names (ADQ codebooks).
 
     The bits come from ``config`` as it is: a mixed-precision budget (``target_avg_bits``) must have
     been turned into ``layer_bits`` before (``adq_hf.quantize_model`` does it).
@@ -161,7 +163,10 @@ def convert_model(model: nn.Module, config: ADQConfig, init_from_weights: bool =
         if plan.activation_bits is not None:
             aq = make_activation_quantizer(config, plan.activation_bits, *input_channels(module))
         if init_from_weights and weight.device.type != "meta":
-            wq.init_from(weight.detach())
+            if importance is not None and plan.name in importance:
+                wq.init_from(weight.detach(), importance=importance[plan.name])
+            else:
+                wq.init_from(weight.detach())
         convert_layer(module, wq, aq)
     model.quantization_config = config
     for hook in POST_CONVERT_HOOKS:

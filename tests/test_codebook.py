@@ -303,3 +303,199 @@ def test_grouped_bert_from_pretrained_saves_reloads_deploys_and_exports(tmp_path
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).last_hidden_state, expected)
     assert export_onnx(reloaded, batch, str(tmp_path / "bert.onnx"))["rel_l2"] < 1e-5
+
+
+# ---------------------------------------------------------------- sensitivity-weighted codebooks
+
+@pytest.fixture(scope="module")
+def minilm_and_batches():
+    from transformers import AutoModel, AutoTokenizer
+
+    from adq_hf.data import english_sentences, minilm_path
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sentences = english_sentences(24)
+    batches = [dict(tokenizer(sentences[i:i + 12], padding=True, return_tensors="pt")) for i in (0, 12)]
+    return path, batches
+
+
+def test_weighting_options_are_validated_and_need_data(minilm_and_batches):
+    from transformers import AutoModel
+
+    import adq_hf
+
+    with pytest.raises(ValueError, match="codebook_weighting"):
+        ADQConfig(codebook_weighting="gradient")
+    with pytest.raises(ValueError, match="codebook_weighting.*'lsq'"):
+        ADQConfig(weight_quantizer="lsq", codebook_weighting="hessian")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="calibration data.*fit_codebooks"):
+        adq_hf.quantize_model(model, ADQConfig(codebook_weighting="hessian", last_layer_bits=4))
+    path, _ = minilm_and_batches
+    with pytest.raises(ValueError, match="fit_codebooks"):
+        AutoModel.from_pretrained(path, quantization_config=ADQConfig(weight_bits=3, codebook_weighting="fisher"))
+
+
+def test_hessian_importance_is_the_diagonal_of_the_ptq_hessian(minilm_and_batches):
+    from transformers import AutoModel
+
+    from adq_hf.importance import weight_importance
+    from adq_hf.ptq import collect_hessian
+
+    path, batches = minilm_and_batches
+    model = AutoModel.from_pretrained(path, quantization_config=ADQConfig(weight_bits=4)).eval()
+    names = ["encoder.layer.0.attention.self.query", "encoder.layer.3.output.dense"]
+    importance = weight_importance(model, batches, "hessian", names)
+    for name in names:
+        layer = model.get_submodule(name)
+        diagonal = collect_hessian(model, layer, batches).diagonal() / 2  # H = 2/N X X^T
+        assert importance[name].shape == layer.latent_weight().shape
+        assert torch.allclose(importance[name][0].double(), diagonal, rtol=1e-4)
+        assert torch.equal(importance[name][0], importance[name][-1])  # one value per input column
+
+
+def test_fisher_importance_is_the_mean_squared_gradient_with_labels():
+    from adq_hf.importance import weight_importance
+
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(2)]
+    importance = weight_importance(model, batches, "fisher")
+    expected = torch.zeros(5, 6, dtype=torch.float64)
+    for x, y in batches:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        expected += model[0].weight.grad.double() ** 2
+    assert torch.allclose(importance["0"].double(), expected / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_group"])
+@pytest.mark.parametrize("method", ["hessian", "fisher"])
+def test_weighted_codebooks_lower_the_weighted_error_on_real_layers(minilm_and_batches, granularity, method):
+    from transformers import AutoModel
+
+    from adq_hf.importance import weight_importance
+
+    path, batches = minilm_and_batches
+    fp = AutoModel.from_pretrained(path).eval()
+    names = ["encoder.layer.0.attention.self.value", "encoder.layer.4.intermediate.dense"]
+    importance = weight_importance(fp, batches, method, names)
+    config = ADQConfig(weight_bits=3, granularity=granularity, group_size=128)
+    for name in names:
+        weight = fp.get_submodule(name).weight.detach()
+        plain, weighted = (make_weight_quantizer(config, 3, weight.shape) for _ in range(2))
+        plain.init_from(weight)
+        weighted.init_from(weight, importance=importance[name])
+        errors = [float((importance[name].double() * (q(weight) - weight).double() ** 2).sum()) for q in (plain, weighted)]
+        assert errors[1] < errors[0], (name, errors)
+
+
+def test_quantize_model_and_fit_codebooks_weight_the_fit_and_reload_exactly(minilm_and_batches, tmp_path):
+    from transformers import AutoModel
+
+    import adq_hf
+
+    path, batches = minilm_and_batches
+    config = ADQConfig(weight_bits=3, granularity="per_group", group_size=128, codebook_weighting="hessian")
+    model = adq_hf.quantize_model(AutoModel.from_pretrained(path).eval(), config, calibration_data=batches)
+    plain = AutoModel.from_pretrained(path, quantization_config=ADQConfig(weight_bits=3, granularity="per_group",
+                                                                         group_size=128)).eval()
+    query = "encoder.layer.1.attention.self.query"
+    assert not torch.equal(model.get_submodule(query).weight_quantizer.scale,
+                           plain.get_submodule(query).weight_quantizer.scale)
+    adq_hf.fit_codebooks(plain, batches, "hessian")  # after loading: the same fit where the inputs are the same
+    assert plain.config.quantization_config.codebook_weighting == "hessian"
+    for name in ("query", "key", "value"):  # their input, the embeddings, is not quantized in either model
+        ours = model.get_submodule(f"encoder.layer.0.attention.self.{name}").weight_quantizer
+        other = plain.get_submodule(f"encoder.layer.0.attention.self.{name}").weight_quantizer
+        assert torch.equal(ours.codebook, other.codebook) and torch.equal(ours.scale, other.scale), name
+    with torch.no_grad():
+        expected = plain(**batches[0]).last_hidden_state
+    plain.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()  # pre-quantized: no data needed to load it
+    assert reloaded.config.quantization_config.codebook_weighting == "hessian"
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batches[0]).last_hidden_state, expected)
+
+
+# ---------------------------------------------------------------- PTQ onto group-wise tables
+
+def _grouped_layer_and_hessian(bits=3, tables="scaled", seed=8):
+    from adq_hf.nn import convert_layer
+
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(96, 12)
+    x = torch.randn(400, 96) @ torch.randn(96, 96) / 10  # correlated inputs: compensation matters
+    config = ADQConfig(weight_bits=bits, granularity="per_group", group_size=32, group_tables=tables)
+    quantizer = make_weight_quantizer(config, bits, layer.weight.shape)
+    quantizer.init_from(layer.weight.detach())
+    convert_layer(layer, quantizer)
+    return layer.eval(), (2 / x.shape[0]) * (x.T @ x).double()  # eval: no EMA step when we look at it
+
+
+def test_level_grid_rounds_each_column_to_its_own_groups_table():
+    from adq_hf.ptq import LevelGrid, row_tables
+
+    layer, _ = _grouped_layer_and_hessian()
+    w = layer.latent_weight().detach().double()
+    grid = row_tables(layer.weight_quantizer.levels(), *w.shape)
+    assert isinstance(grid, LevelGrid) and grid.tables.shape == (12, 3, 8) and grid.size == 32
+    q = grid.nearest(w)
+    assert torch.equal(q.float(), layer.weight_quantizer(layer.latent_weight()).detach())
+    cols = torch.tensor([70, 3, 40])  # a permuted subset of columns: each still uses its own group
+    assert torch.equal(grid.nearest(w[:, cols], cols), q[:, cols])
+    with pytest.raises(ValueError, match="groups of contiguous columns"):
+        row_tables(torch.zeros(36, 8), 12, 100)
+
+
+@pytest.mark.parametrize("tables", ["scaled", "codebooks"])
+@pytest.mark.parametrize("method", ["gptq", "sa", "obq"])
+def test_ptq_onto_group_tables_beats_rtn_and_stays_on_the_tables(method, tables):
+    from adq_hf.ptq import quantize_layer
+
+    for refit in (False, True):
+        if method == "obq" and refit:
+            continue  # OBQ works row by row with a fixed grid
+        layer, h = _grouped_layer_and_hessian(tables=tables)
+        result = quantize_layer(layer, h, method, refit=refit)
+        assert result["error"] < result["rtn_error"], (refit, result)
+        quantizer = layer.weight_quantizer
+        weight = layer.latent_weight().detach()
+        assert torch.equal(quantizer(weight).detach(), weight)  # exactly on the (re-fitted) tables
+        assert torch.equal(quantizer.decode(quantizer.encode(weight)), weight)
+
+
+def test_refit_re_fits_group_scales_from_the_compensated_weights():
+    from adq_hf.ptq import quantize_layer
+
+    fixed, h = _grouped_layer_and_hessian(bits=2)
+    refitted, _ = _grouped_layer_and_hessian(bits=2)
+    before = refitted.weight_quantizer.scale.clone()
+    errors = [quantize_layer(layer, h, "gptq", refit=refit, act_order=False)["error"]
+              for layer, refit in ((fixed, False), (refitted, True))]
+    assert torch.equal(fixed.weight_quantizer.scale, before)
+    assert not torch.equal(refitted.weight_quantizer.scale, before)
+    assert torch.equal(refitted.weight_quantizer.codebook, fixed.weight_quantizer.codebook)  # shared: kept
+    assert errors[1] < errors[0]
+
+
+def test_ptq_quantize_with_group_tables_saves_and_reloads_exactly(minilm_and_batches, tmp_path):
+    from transformers import AutoModel
+
+    from adq_hf import ptq
+
+    path, batches = minilm_and_batches
+    config = ADQConfig(weight_bits=3, granularity="per_group", group_size=128)
+    model = AutoModel.from_pretrained(path, quantization_config=config).eval()
+    with torch.no_grad():
+        before = model(**batches[1]).last_hidden_state
+    ptq.quantize(model, batches[:1], None, method="gptq", progress=False)
+    assert all(r["error"] <= r["rtn_error"] for r in model.ptq_report.values())
+    with torch.no_grad():
+        expected = model(**batches[1]).last_hidden_state
+    assert not torch.equal(expected, before)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batches[1]).last_hidden_state, expected)
