@@ -361,13 +361,15 @@ def collect_hessian(model: nn.Module, layer: nn.Module, batches: List) -> torch.
 
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, hessian: torch.Tensor, method: str = "sa", damp: float = 0.01,
-                   refit: Optional[bool] = None, **options) -> Dict[str, float]:
+                   refit: Optional[bool] = None, refine_levels: bool = False, **options) -> Dict[str, float]:
     """Replace ``layer``'s latent weight by a PTQ solution on its quantizer's levels; returns the
     reconstruction errors (this method's and RTN's, on the tables as they were) and the solver time.
 
     ``refit`` (tables per group of columns only): re-fit each column group's tables (ADQ: the group
     scales, or the group codebooks) from the compensated weights just before the solver quantizes its
-    first column, weighted by ``diag(H)``; ``None``: wherever the quantizer can (docs/ptq.md)."""
+    first column, weighted by ``diag(H)``; ``None``: wherever the quantizer can (docs/ptq.md).
+    ``refine_levels``: then, codes fixed, move the codebook's levels to the least-squares ones for the
+    layer's output error (ADQ codebooks per tensor, per channel or shared with group scales)."""
     if method not in SOLVERS:
         raise ValueError(f"unknown PTQ method {method!r}; choose one of {list(METHODS)}.")
     weight = layer.latent_weight()
@@ -394,6 +396,13 @@ def quantize_layer(layer: nn.Module, hessian: torch.Tensor, method: str = "sa", 
     q = SOLVERS[method](w, h, tables, **options)
     seconds = time.perf_counter() - started
     q = nearest_level(q, tables)  # exactly on the levels (the solvers already are; guards rounding)
+    if refine_levels:
+        fit_levels = getattr(quantizer, "fit_levels_to_outputs", None)
+        if fit_levels is None:
+            raise ValueError(f"refine_levels=True: {type(quantizer).__name__} has no codebook levels to refine.")
+        codes = quantizer.encode(q.reshape(weight.shape).to(weight.dtype))
+        codes = fit_levels(w, codes, hessian)
+        q = quantizer.decode(codes).reshape(w.shape).to(torch.float64)
     errors = {"error": layer_error(w, q, hessian), "rtn_error": rtn_error, "seconds": seconds}
     weight.copy_(q.reshape(weight.shape).to(weight.dtype))
     return errors

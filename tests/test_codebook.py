@@ -160,6 +160,10 @@ def test_groups_are_contiguous_slices_and_conv_columns_fall_back_to_channels():
         assert torch.allclose(distances.gather(1, codes.reshape(-1)[64 * g:64 * (g + 1), None]).squeeze(1),
                               distances.min(dim=1).values, atol=1e-6)
     assert torch.equal(q(weight), q.decode(codes))
+    uniform = make_weight_quantizer(ADQConfig(granularity="per_group", group_size=64, codebook_init="uniform"), 3,
+                                    weight.shape)
+    uniform.init_from(weight)  # the ablation's best-step grid as the shared codebook's start
+    assert ((uniform.codebook == 0).sum() == 1) and (uniform.codebook.diff(dim=1) > 0).all()
     lsq = make_weight_quantizer(ADQConfig(weight_quantizer="lsq", granularity="per_group", group_size=64), 3, (8, 576))
     assert lsq.step.shape == (72, 1) and lsq.levels().shape == (72, 8)
 
@@ -499,3 +503,29 @@ def test_ptq_quantize_with_group_tables_saves_and_reloads_exactly(minilm_and_bat
     reloaded = AutoModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(**batches[1]).last_hidden_state, expected)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel", "per_group"])
+def test_refined_levels_lower_the_layer_error_and_stay_decodable(granularity):
+    from adq_hf.nn import convert_layer
+    from adq_hf.ptq import layer_error, quantize_layer
+
+    errors = []
+    for refine in (False, True):
+        torch.manual_seed(9)
+        layer = torch.nn.Linear(96, 12)
+        x = torch.randn(400, 96) @ torch.randn(96, 96) / 10
+        h = (2 / x.shape[0]) * (x.T @ x).double()
+        config = ADQConfig(weight_bits=3, granularity=granularity, group_size=32)
+        quantizer = make_weight_quantizer(config, 3, layer.weight.shape)
+        quantizer.init_from(layer.weight.detach())
+        w = layer.weight.detach().double().clone()
+        convert_layer(layer, quantizer).eval()
+        result = quantize_layer(layer, h, "gptq", refine_levels=refine)
+        q = layer.latent_weight().detach()
+        assert result["error"] == pytest.approx(layer_error(w, q.double(), h))
+        assert torch.equal(quantizer(q), q)  # decodes to itself: the codes index the (re-sorted) levels
+        book = quantizer.codebook
+        assert ((book == 0).sum(dim=1) == 1).all() and (book.diff(dim=1) > 0).all()
+        errors.append(result["error"])
+    assert errors[1] < errors[0]

@@ -43,6 +43,10 @@ def test_transformers_fidelity_quick_tier(tmp_path):
     assert rows["mixed3.5"]["avg_weight_bits"] <= 3.5
     assert rows["w3"]["checkpoint_bytes"] < rows["w4"]["checkpoint_bytes"]
     assert -1 <= rows["qat_w3"]["cosine_before"] <= 1 and rows["qat_w3"]["steps"] > 0
+    # group scales: their bytes are in the bits per weight, and the byte budget holds with them
+    assert 3 < rows["g128_w3_hessian"]["table_bits_per_weight"] < 3.2
+    assert rows["mixed2.5_ptq_gptq_g64"]["table_bits_per_weight"] <= 2.5
+    assert rows["mixed2.5_ptq_gptq_g64"]["recon_error"] <= rows["mixed2.5_ptq_gptq_g64"]["rtn_recon_error"]
     assert result["commit"] and result["command"].startswith("python benchmarks/transformers_fidelity.py")
     assert "| qat_w3 |" in (tmp_path / "transformers_fidelity_quick.md").read_text()
 

@@ -295,7 +295,8 @@ def fit_scaled_codebook(rows: torch.Tensor, bits: int, init: str = "quantile", i
         live = scale > 0
         safe = torch.where(live, scale, torch.ones_like(scale))
         norm_weights = (safe * safe * live).expand_as(rows)
-        data = SortedRows((rows / safe).reshape(1, -1), norm_weights.reshape(1, -1), keep_order=True)
+        data = SortedRows((rows / safe).reshape(1, -1), norm_weights.reshape(1, -1), squares=init == "uniform",
+                          keep_order=True)
         if book is None:  # the plain fit first; weighted steps from it (as initial_codebook)
             book = data.lloyd(_initial_levels(data, bits, init), iters)
         if weights is not None:
@@ -448,6 +449,63 @@ class CodebookWeightQuantizer(WeightQuantizer):
         for _ in range(REFIT_SCALE_STEPS):
             safe = _least_squares_scale(weights, imp, self.codebook, safe)
         self.scale[index] = _representable_scales(safe * live).to(SCALE_DTYPE)
+
+    @torch.no_grad()
+    def fit_levels_to_outputs(self, weight: torch.Tensor, codes: torch.Tensor, hessian: torch.Tensor,
+                              max_elements: int = 1 << 22) -> torch.Tensor:
+        """Least-squares levels for fixed ``codes``: the non-zero levels minimising the layer's output
+        error ``tr((W - Q) H (W - Q)^T)`` (``W``: ``weight`` as ``[rows, cols]``, ``H``: ``hessian``), one
+        ``(L-1) x (L-1)`` linear system per codebook row (a shared codebook: one system for all rows,
+        each weight entering with its group's scale). Zero stays exact, a level no weight uses keeps
+        its value; levels are re-sorted. Returns ``codes`` for the re-sorted levels (decode them).
+        PTQ calls it after its solver (``refine_levels``)."""
+        rows, original_shape = weight.shape[0], codes.shape
+        w = weight.reshape(rows, -1).to(torch.float64)
+        h = hessian.to(torch.float64)
+        codes = codes.reshape(rows, -1)
+        L = self.codebook.shape[1]
+        if self.scale is not None:
+            per_weight = self.scale.to(torch.float64).reshape(rows, -1)  # one scale per group of G columns
+            multiplier = per_weight.repeat_interleave(w.shape[1] // per_weight.shape[1], dim=1)
+        else:
+            multiplier = torch.ones_like(w)
+        shared = self.codebook.shape[0] == 1
+        if not shared and self.codebook.shape[0] != rows:
+            raise ValueError("fit_levels_to_outputs needs one codebook per tensor or per output channel.")
+        gram = torch.zeros(1 if shared else rows, L, L, dtype=torch.float64)
+        target = torch.zeros(1 if shared else rows, L, dtype=torch.float64)
+        step = max(1, max_elements // (w.shape[1] * L))
+        for start in range(0, rows, step):
+            m = torch.nn.functional.one_hot(codes[start:start + step], L).to(torch.float64)
+            m = m * multiplier[start:start + step].unsqueeze(-1)  # [r, C, L]: Q = sum_k c_k M[..., k]
+            hm = torch.einsum("cd,rdl->rcl", h, m)
+            g = torch.einsum("rck,rcl->rkl", m, hm)
+            b = torch.einsum("rck,rc->rk", hm, w[start:start + step])
+            if shared:
+                gram[0] += g.sum(dim=0)
+                target[0] += b.sum(dim=0)
+            else:
+                gram[start:start + step], target[start:start + step] = g, b
+        book = self.codebook.to(torch.float64)
+        movable = book != 0
+        used = gram.diagonal(dim1=1, dim2=2) > 0
+        solve = movable & used
+        # (G + lambda I) c = b + lambda c_old on the levels that move: unused/zero levels stay exactly
+        ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+        new = book.clone()
+        for t in range(book.shape[0]):
+            idx = solve[t].nonzero().squeeze(1)
+            if not len(idx):
+                continue
+            fixed = (~solve[t]).nonzero().squeeze(1)
+            lhs = gram[t][idx][:, idx] + ridge[t] * torch.eye(len(idx), dtype=torch.float64)
+            rhs = target[t][idx] - gram[t][idx][:, fixed] @ book[t][fixed] + ridge[t] * book[t][idx]
+            new[t, idx] = torch.linalg.solve(lhs, rhs)
+        order = torch.argsort(new, dim=1)
+        self.codebook.copy_(new.gather(1, order).to(self.codebook))
+        position = torch.argsort(order, dim=1)  # old level index -> its index in the sorted levels
+        table = position.expand(rows, -1) if shared else position
+        return table.gather(1, codes).reshape(original_shape)
 
     def _normalised(self, rows: torch.Tensor):
         """``(rows / scale, scale**2)`` with the scale of every group (1 for an all-zero group)."""
