@@ -313,7 +313,7 @@ def test_grouped_bert_from_pretrained_saves_reloads_deploys_and_exports(tmp_path
 
 @pytest.fixture(scope="module")
 def minilm_and_batches():
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from adq_hf.data import english_sentences, minilm_path
 
