@@ -103,7 +103,8 @@ class LevelGrid:
         groups = groups[~self._fitted[groups]]
         if not len(groups):
             return
-        position = torch.empty_like(columns)
+        # layer column -> its column in ``w`` (``w`` may hold only the columns not quantized yet: SA)
+        position = torch.full((self.groups * self.size,), -1, dtype=torch.long)
         position[columns] = torch.arange(len(columns))
         for t in groups.tolist():
             cols = torch.arange(t * self.size, (t + 1) * self.size)

@@ -425,13 +425,13 @@ def test_quantize_model_and_fit_codebooks_weight_the_fit_and_reload_exactly(mini
 
 # ---------------------------------------------------------------- PTQ onto group-wise tables
 
-def _grouped_layer_and_hessian(bits=3, tables="scaled", seed=8):
+def _grouped_layer_and_hessian(bits=3, tables="scaled", seed=8, group_size=32):
     from adq_hf.nn import convert_layer
 
     torch.manual_seed(seed)
     layer = torch.nn.Linear(96, 12)
     x = torch.randn(400, 96) @ torch.randn(96, 96) / 10  # correlated inputs: compensation matters
-    config = ADQConfig(weight_bits=bits, granularity="per_group", group_size=32, group_tables=tables)
+    config = ADQConfig(weight_bits=bits, granularity="per_group", group_size=group_size, group_tables=tables)
     quantizer = make_weight_quantizer(config, bits, layer.weight.shape)
     quantizer.init_from(layer.weight.detach())
     convert_layer(layer, quantizer)
@@ -458,11 +458,12 @@ def test_level_grid_rounds_each_column_to_its_own_groups_table():
 def test_ptq_onto_group_tables_beats_rtn_and_stays_on_the_tables(method, tables):
     from adq_hf.ptq import quantize_layer
 
-    for refit in (False, True):
+    # blocks of 16 columns and groups of 16: groups first opened in a later block (SA: of fewer columns)
+    for refit, block_size, group_size, bits in ((False, 128, 32, 3), (True, 128, 32, 3), (True, 16, 16, 2)):
         if method == "obq" and refit:
             continue  # OBQ works row by row with a fixed grid
-        layer, h = _grouped_layer_and_hessian(tables=tables)
-        result = quantize_layer(layer, h, method, refit=refit)
+        layer, h = _grouped_layer_and_hessian(bits, tables=tables, group_size=group_size)
+        result = quantize_layer(layer, h, method, refit=refit, block_size=block_size)
         assert result["error"] < result["rtn_error"], (refit, result)
         quantizer = layer.weight_quantizer
         weight = layer.latent_weight().detach()
