@@ -81,8 +81,10 @@ ROWS = {
     "ptq_gptq_g128_w3": Row("grouped", 3, "gptq", 128, "hessian"),
     "ptq_gptq_g64_w3": Row("grouped", 3, "gptq", 64, "hessian"),
     "ptq_gptq_g64_w2": Row("grouped", 2, "gptq", 64, "hessian"),
+    "mixed3.25_ptq_gptq_g128": Row("grouped_mixed", 3.25, "gptq", 128, "hessian"),
     "mixed3.0_ptq_gptq_g128": Row("grouped_mixed", 3.0, "gptq", 128, "hessian"),
     "mixed2.5_ptq_gptq_g64": Row("grouped_mixed", 2.5, "gptq", 64, "hessian"),
+    "mixed2.25_ptq_gptq_g128": Row("grouped_mixed", 2.25, "gptq", 128, "hessian"),
 }
 TIERS = {
     "quick": {"calib_sentences": 16, "eval_sentences": 32, "batch_size": 16, "sensitivity": "fisher",
@@ -225,9 +227,11 @@ def byte_budget_bits(row: Row, setup: Setup) -> Dict[str, int]:
     tier, model = setup.tier, setup.float_model()
     config = grouped_config(row, weight_bits=4)
     names = [p.name for p in plan_quantization(model, config)]
-    sensitivity = estimate_sensitivity(model, setup.calibration[:tier["sensitivity_batches"]], method=tier["sensitivity"],
-                                       num_batches=tier["sensitivity_batches"], max_iters=tier["probes"], layers=names,
-                                       progress=False)
+    if "grouped_sensitivity" not in setup.__dict__:  # the same for every such row: measured once per run
+        setup.grouped_sensitivity = estimate_sensitivity(
+            model, setup.calibration[:tier["sensitivity_batches"]], method=tier["sensitivity"],
+            num_batches=tier["sensitivity_batches"], max_iters=tier["probes"], layers=names, progress=False)
+    sensitivity = setup.grouped_sensitivity
     params = sum(model.get_submodule(n).weight.numel() for n in names)
     return allocate_bits(model, sensitivity, max_bytes=int(row.bits * params / 8), candidates=(2, 3, 4, 8),
                          config=config)
