@@ -17,6 +17,7 @@ from .integrations.timm import create_model, save_pretrained
 from .mixed_precision import allocate_bits, estimate_sensitivity, write_report
 from . import hub, ptq
 from .hub import push_to_hub
+from .importance import fit_codebooks
 from .deploy import convert_for_inference, export_onnx, memory_report, resident_bytes
 
 _timm_integration.install()
@@ -27,6 +28,7 @@ __all__ = [
     "allocate_bits",
     "estimate_sensitivity",
     "export_onnx",
+    "fit_codebooks",
     "write_report",
     "QuantConv2d",
     "QuantLinear",

@@ -21,7 +21,10 @@ BITS_RANGE = range(2, 9)
 # Named in the roadmap; selecting one before it exists gives a clear "not available yet" error.
 PLANNED_WEIGHT_QUANTIZERS: tuple = ()
 PLANNED_ACTIVATION_QUANTIZERS: tuple = ()
-GRANULARITIES = ("per_tensor", "per_channel")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+GROUP_TABLES = ("scaled", "codebooks")
+GROUPED_WEIGHT_QUANTIZERS = ("adq", "lsq")  # POST has one scale per output channel by definition
+CODEBOOK_WEIGHTINGS = ("hessian", "fisher")
 CODEBOOK_INITS = ("quantile", "uniform")
 CODEBOOK_UPDATES = ("ema", "static")
 PTQ_METHODS = ("rtn", "gptq", "obq", "sa")
@@ -76,12 +79,23 @@ class ADQConfig(QuantizationConfigMixin):
             ``None`` (the default) keeps them in float. A weight tied between layers (an LM head
             tied to the input embedding) is quantized once, at the highest bits any of its layers
             gets, and only when none of them stays float (docs/methods.md, "Tied weights").
-        granularity: one codebook/step per tensor (``"per_tensor"``) or per output channel (adq, lsq;
-            POST always has one scale per output channel).
+        granularity: one codebook/step per tensor (``"per_tensor"``), per output channel
+            (``"per_channel"``) or per group of ``group_size`` input columns of an output channel
+            (``"per_group"``; adq and lsq; POST always has one scale per output channel).
+        group_size: columns per group with ``granularity="per_group"`` (a convolution's columns are
+            ``in * kh * kw``; a weight whose columns are not a multiple gets one group per output channel).
+        group_tables: the ADQ tables of ``per_group``: ``"scaled"`` (one codebook per tensor times a
+            float16 scale per group, the default: fewer bytes and lower error, docs/methods.md) or
+            ``"codebooks"`` (a codebook per group).
         codebook_init: ``"quantile"`` (ADQ) or ``"uniform"`` (ablation).
-        codebook_init_iters: Lloyd iterations (zero kept) run on the initial codebook, so training
-            starts at the fixed point of the EMA update instead of drifting to it; 0 keeps the raw init.
+        codebook_init_iters: at most this many Lloyd iterations (zero kept; they stop early at the fixed
+            point) run on the initial codebook, so training starts at the fixed point of the EMA update
+            instead of drifting to it; 0 keeps the raw init.
         codebook_update: ``"ema"`` (ADQ online adaptation) or ``"static"`` (ablation).
+        codebook_weighting: ``None`` (plain k-means) or the per-weight importance the ADQ codebooks are
+            fitted with, from calibration data (``quantize_model(..., calibration_data=...)`` or
+            ``adq_hf.fit_codebooks`` after loading): ``"hessian"`` (the layer input's second moment,
+            the diagonal of PTQ's Hessian) or ``"fisher"`` (squared gradients); see ``adq_hf.importance``.
         ema_decay: EMA decay ``m`` in ``c <- m c + (1 - m) mean``, in (0, 1).
         ema_update_interval: optimiser steps between codebook updates (>= 1).
         target_avg_bits: a parameter-weighted average weight-bit budget for mixed precision; the
@@ -112,9 +126,12 @@ class ADQConfig(QuantizationConfigMixin):
         last_layer_bits: Optional[int] = 8,
         embedding_bits: Optional[int] = None,
         granularity: str = "per_tensor",
+        group_size: int = 128,
+        group_tables: str = "scaled",
         codebook_init: str = "quantile",
         codebook_init_iters: int = 30,
         codebook_update: str = "ema",
+        codebook_weighting: Optional[str] = None,
         ema_decay: float = 0.99,
         ema_update_interval: int = 1,
         target_avg_bits: Optional[float] = None,
@@ -146,9 +163,12 @@ class ADQConfig(QuantizationConfigMixin):
         self.last_layer_bits = last_layer_bits
         self.embedding_bits = embedding_bits
         self.granularity = granularity
+        self.group_size = group_size
+        self.group_tables = group_tables
         self.codebook_init = codebook_init
         self.codebook_init_iters = codebook_init_iters
         self.codebook_update = codebook_update
+        self.codebook_weighting = codebook_weighting
         self.ema_decay = ema_decay
         self.ema_update_interval = ema_update_interval
         self.target_avg_bits = target_avg_bits
@@ -176,9 +196,23 @@ class ADQConfig(QuantizationConfigMixin):
             "activation_quantizer", self.activation_quantizer, ACTIVATION_QUANTIZERS, PLANNED_ACTIVATION_QUANTIZERS
         )
         _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("group_tables", self.group_tables, GROUP_TABLES)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"ADQConfig.group_size={self.group_size!r} is invalid: expected an integer >= 2 "
+                             "(weights per group along the input columns, e.g. 64 or 128).")
+        if self.granularity == "per_group" and self.weight_quantizer not in GROUPED_WEIGHT_QUANTIZERS:
+            raise ValueError(f"ADQConfig.granularity='per_group' is not available for weight_quantizer="
+                             f"{self.weight_quantizer!r} (one scale per output channel by definition); use it with "
+                             f"{list(GROUPED_WEIGHT_QUANTIZERS)}.")
         _check_choice("codebook_init", self.codebook_init, CODEBOOK_INITS)
         _check_choice("codebook_update", self.codebook_update, CODEBOOK_UPDATES)
         _check_choice("activation_init", self.activation_init, RANGE_ESTIMATORS)
+        if self.codebook_weighting is not None:
+            _check_choice("codebook_weighting", self.codebook_weighting, CODEBOOK_WEIGHTINGS)
+            if self.weight_quantizer != "adq":
+                raise ValueError(f"ADQConfig.codebook_weighting={self.codebook_weighting!r} weights the fit of ADQ "
+                                 f"codebooks; weight_quantizer={self.weight_quantizer!r} has none (use 'adq' or "
+                                 "codebook_weighting=None).")
         if not isinstance(self.layer_bits, dict):
             raise ValueError(f"ADQConfig.layer_bits must be a dict {{module name or regex: bits}}, got {self.layer_bits!r}.")
         _check_patterns("layer_bits", self.layer_bits)

@@ -255,10 +255,16 @@ def standardise_latent_weight(layer: nn.Module) -> None:
 
 
 @torch.no_grad()
-def init_weight_quantizer(layer: nn.Module) -> None:
-    """Initialise a quantized layer's weight quantizer from its (loaded) latent weight."""
+def init_weight_quantizer(layer: nn.Module, importance: Optional[torch.Tensor] = None) -> None:
+    """Initialise a quantized layer's weight quantizer from its (loaded) latent weight, output-major
+    (StdConv2d-like layers: standardised first); ``importance``: per-weight weights of the codebook fit
+    (``adq_hf.importance``), or None."""
     standardise_latent_weight(layer)
-    layer.weight_quantizer.init_from(output_major(layer, layer.latent_weight().detach()))
+    weight = output_major(layer, layer.latent_weight().detach())
+    if importance is None:
+        layer.weight_quantizer.init_from(weight)
+    else:
+        layer.weight_quantizer.init_from(weight, importance=importance)
 
 
 def _forward_overriding_timm_layers():

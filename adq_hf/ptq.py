@@ -44,24 +44,100 @@ METHODS = PTQ_METHODS
 
 
 # --------------------------------------------------------------------------------------------
-# Grids: every row of a layer has its own sorted table of levels
+# Grids: every weight has a sorted table of levels (per row, or per row and group of columns)
 # --------------------------------------------------------------------------------------------
-def nearest_level(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """The nearest level of each row's table: ``values [R, K]``, ``table [R, L]`` sorted ascending."""
+def nearest_level(values: torch.Tensor, table) -> torch.Tensor:
+    """The nearest level of each row's table: ``values [R, K]``, ``table [R, L]`` sorted ascending (or
+    a :class:`LevelGrid`, whose column groups then span ``values``' columns)."""
+    if isinstance(table, LevelGrid):
+        return table.nearest(values)
     idx = torch.searchsorted(table, values.contiguous()).clamp(1, table.shape[1] - 1)
     below, above = table.gather(1, idx - 1), table.gather(1, idx)
     return torch.where(values - below <= above - values, below, above)
 
 
-def row_tables(levels: torch.Tensor, rows: int) -> torch.Tensor:
-    """``[rows, L]`` float64 tables from a quantizer's ``[groups, L]`` levels (1 group or one per row)."""
+def _nearest_per_column(values: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """``values [R, K]`` to the nearest level of their own table ``tables [R, K, L]``."""
+    idx = torch.searchsorted(tables, values.unsqueeze(-1).contiguous()).clamp(1, tables.shape[2] - 1)
+    below, above = tables.gather(2, idx - 1), tables.gather(2, idx)
+    v = values.unsqueeze(-1)
+    return torch.where(v - below <= above - v, below, above).squeeze(-1)
+
+
+class LevelGrid:
+    """The levels each weight of a ``[R, C]`` layer may take: ``tables [R, T, L]`` (float64, sorted),
+    column ``j`` of row ``i`` rounding to ``tables[i, j // size]`` (``T = C / size`` column groups; ``T = 1``
+    with ``size = C``: one table per row). With ``refit(t, weights [R, size], importance [size])`` the
+    solvers call :meth:`prepare` before each block of columns, which re-fits every column group about
+    to be quantized for the first time from its current (compensated) weights, through ``refit``
+    (the quantizer's own fit; it returns the group's new ``[R, L]`` tables)."""
+
+    def __init__(self, tables: torch.Tensor, size: int, refit: Optional[Callable] = None,
+                 importance: Optional[torch.Tensor] = None):
+        self.tables, self.size, self._refit, self._importance = tables, int(size), refit, importance
+        self._fitted = torch.zeros(tables.shape[1], dtype=torch.bool)
+
+    @property
+    def groups(self) -> int:
+        return self.tables.shape[1]
+
+    def __getitem__(self, rows: slice) -> "LevelGrid":
+        """The grid of a block of rows (no refit: OBQ works on row blocks)."""
+        return LevelGrid(self.tables[rows], self.size)
+
+    def nearest(self, values: torch.Tensor, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Nearest levels of ``values [R, K]``, whose columns are ``columns`` of the layer (default: all)."""
+        if self.groups == 1:
+            return nearest_level(values, self.tables[:, 0])
+        if columns is None:
+            columns = torch.arange(values.shape[1])
+        return _nearest_per_column(values, self.tables[:, columns // self.size])
+
+    def max_half_gap(self) -> torch.Tensor:
+        """``[R, 1]``: half the largest gap between levels of a row's tables."""
+        return ((self.tables[..., 1:] - self.tables[..., :-1]).amax(dim=(1, 2)) / 2).unsqueeze(1)
+
+    def prepare(self, w: torch.Tensor, columns: torch.Tensor, upcoming: torch.Tensor) -> None:
+        """Before quantizing layer columns ``upcoming``: re-fit the groups they open from ``w``, the current
+        weights, whose column ``k`` is layer column ``columns[k]``."""
+        if self._refit is None:
+            return
+        groups = torch.unique(upcoming // self.size)
+        groups = groups[~self._fitted[groups]]
+        if not len(groups):
+            return
+        # layer column -> its column in ``w`` (``w`` may hold only the columns not quantized yet: SA)
+        position = torch.full((self.groups * self.size,), -1, dtype=torch.long)
+        position[columns] = torch.arange(len(columns))
+        for t in groups.tolist():
+            cols = torch.arange(t * self.size, (t + 1) * self.size)
+            importance = None if self._importance is None else self._importance[cols]
+            self.tables[:, t] = torch.sort(self._refit(t, w[:, position[cols]], importance), dim=1).values
+        self._fitted[groups] = True
+
+
+def as_grid(tables) -> LevelGrid:
+    """A :class:`LevelGrid` from ``[R, L]`` per-row tables (solvers accept both)."""
+    return tables if isinstance(tables, LevelGrid) else LevelGrid(tables.unsqueeze(1), 1)
+
+
+def row_tables(levels: torch.Tensor, rows: int, cols: Optional[int] = None, refit: Optional[Callable] = None,
+               importance: Optional[torch.Tensor] = None) -> LevelGrid:
+    """The :class:`LevelGrid` of a quantizer's ``[groups, L]`` levels for a ``[rows, cols]`` weight: 1 group,
+    one per row, or ``rows * T`` groups of ``cols / T`` contiguous columns (group ``i * T + t``: row ``i``,
+    columns ``[t * cols / T, (t + 1) * cols / T)``)."""
     table = levels.detach().to(torch.float64)
-    if table.shape[0] == 1:
+    groups = table.shape[0]
+    if groups == 1:
         table = table.expand(rows, -1)
-    elif table.shape[0] != rows:
-        raise ValueError(f"the quantizer has {table.shape[0]} level groups for {rows} rows: PTQ needs per-tensor "
-                         "or per-output-channel levels.")
-    return torch.sort(table, dim=1).values.contiguous()
+    if table.shape[0] == rows:
+        return LevelGrid(torch.sort(table, dim=1).values.unsqueeze(1).contiguous(), cols or 1)
+    if cols is None or groups % rows or cols % (groups // rows):
+        raise ValueError(f"the quantizer has {groups} level groups for a {rows} x {cols} weight: PTQ needs per-tensor "
+                         "levels, one group per row, or groups of contiguous columns within rows.")
+    per_row = groups // rows
+    tables = torch.sort(table, dim=1).values.reshape(rows, per_row, -1).contiguous()
+    return LevelGrid(tables, cols // per_row, refit, importance)
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +176,7 @@ def layer_error(w: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor) -> floa
 # Solvers: (W [R, C], damped H [C, C], tables [R, L]) -> Q [R, C] on the tables, all float64
 # --------------------------------------------------------------------------------------------
 def solve_rtn(w, h, tables, **_):
-    return nearest_level(w, tables)
+    return as_grid(tables).nearest(w)
 
 
 def solve_obq(w, h, tables, max_bytes: int = 16 * 2**20, outliers: bool = True, **_):
@@ -112,19 +188,20 @@ def solve_obq(w, h, tables, max_bytes: int = 16 * 2**20, outliers: bool = True, 
     definition only (least loss first).
     """
     rows, cols = w.shape
+    tables = as_grid(tables)
     hinv_full = inverse_hessian(h)
     out = torch.empty_like(w)
     batch = max(1, min(rows, max_bytes // (8 * cols * cols)))
     for start in range(0, rows, batch):
         wb = w[start:start + batch].clone()
         tb = tables[start:start + batch]
-        limit = (((tb[:, 1:] - tb[:, :-1]).amax(dim=1) / 2) ** 2).unsqueeze(1) if tb.shape[1] > 1 else None
+        limit = tb.max_half_gap() ** 2 if tb.tables.shape[2] > 1 else None
         hinv = hinv_full.expand(wb.shape[0], cols, cols).clone()
         done = torch.zeros_like(wb, dtype=torch.bool)
         quantized = torch.empty_like(wb)
         r = torch.arange(wb.shape[0])
         for _ in range(cols):
-            q = nearest_level(wb, tb)
+            q = tb.nearest(wb)
             diag = hinv.diagonal(dim1=1, dim2=2)
             err = torch.where(done, torch.zeros_like(wb), (wb - q) ** 2)
             score = torch.where(done, torch.full_like(wb, math.inf), err / diag.clamp_min(1e-300))
@@ -145,16 +222,19 @@ def solve_obq(w, h, tables, max_bytes: int = 16 * 2**20, outliers: bool = True, 
     return out
 
 
-def _gptq_sweep(wp, tables, upper, count, block_size):
+def _gptq_sweep(wp, grid, upper, count, block_size, columns):
     """Quantize the first ``count`` columns of ``wp`` in place, in column order, compensating every
     later column: GPTQ's lazy block update. ``upper`` is the upper Cholesky factor of ``H^-1`` in
-    the same column order (row i holds the update that follows quantizing column i)."""
+    the same column order (row i holds the update that follows quantizing column i); column ``k`` of
+    ``wp`` is layer column ``columns[k]``. Column groups a block opens are re-fitted first
+    (``LevelGrid.prepare``), from the weights as every earlier block left them."""
     for b0 in range(0, count, block_size):
         b1 = min(b0 + block_size, count)
+        grid.prepare(wp, columns, columns[b0:b1])
         block = wp[:, b0:b1].clone()
         err = torch.zeros_like(block)
         for i in range(b1 - b0):
-            q = nearest_level(block[:, i:i + 1], tables)
+            q = grid.nearest(block[:, i:i + 1], columns[b0 + i:b0 + i + 1])
             e = (block[:, i:i + 1] - q) / upper[b0 + i, b0 + i]
             block[:, i:] -= e * upper[b0 + i, b0 + i:b1].unsqueeze(0)
             block[:, i:i + 1] = q
@@ -173,7 +253,7 @@ def solve_gptq(w, h, tables, act_order: bool = True, block_size: int = 128, **_)
     order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
     upper = _upper_factor(inverse_hessian(h[order][:, order]))
     w = w.clone()
-    w[:, order] = _gptq_sweep(w[:, order], tables, upper, cols, block_size)
+    w[:, order] = _gptq_sweep(w[:, order], as_grid(tables), upper, cols, block_size, order)
     return w
 
 
@@ -181,18 +261,18 @@ def solve_sa(w, h, tables, block_size: int = 128, sensitivity: str = "obs", **_)
     """Sensitivity-aware: most sensitive block first, sensitivities re-measured before each block."""
     if sensitivity not in ("obs", "taylor"):
         raise ValueError(f"sensitivity must be 'obs' or 'taylor', got {sensitivity!r}.")
-    w = w.clone()
+    w, tables = w.clone(), as_grid(tables)
     remaining = torch.arange(w.shape[1])
     while len(remaining):
         hinv = inverse_hessian(h[remaining][:, remaining])
         sub = w[:, remaining]
-        err2 = ((sub - nearest_level(sub, tables)) ** 2).sum(dim=0)
+        err2 = ((sub - tables.nearest(sub, remaining)) ** 2).sum(dim=0)
         score = err2 / hinv.diagonal() if sensitivity == "obs" else err2 * h[remaining, remaining]
         ranked = torch.argsort(score, descending=True, stable=True)  # positions within `remaining`
         count = min(block_size, len(ranked))
         upper = _upper_factor(hinv[ranked][:, ranked])
         order = remaining[ranked]
-        w[:, order] = _gptq_sweep(w[:, order], tables, upper, count, count)
+        w[:, order] = _gptq_sweep(w[:, order], tables, upper, count, count, order)
         remaining = order[count:]
     return w
 
@@ -325,23 +405,49 @@ def collect_hessian(model: nn.Module, layer: nn.Module, batches: List) -> torch.
 
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, hessian: torch.Tensor, method: str = "sa", damp: float = 0.01,
-                   **options) -> Dict[str, float]:
+                   refit: Optional[bool] = None, refine_levels: bool = False, **options) -> Dict[str, float]:
     """Replace ``layer``'s latent weight by a PTQ solution on its quantizer's levels; returns the
-    reconstruction errors (this method's and RTN's) and the solver time."""
+    reconstruction errors (this method's and RTN's, on the tables as they were) and the solver time.
+
+    ``refit`` (tables per group of columns only): re-fit each column group's tables (ADQ: the group
+    scales, or the group codebooks) from the compensated weights just before the solver quantizes its
+    first column, weighted by ``diag(H)``; ``None``: wherever the quantizer can (docs/ptq.md).
+    ``refine_levels``: then, codes fixed, move the codebook's levels to the least-squares ones for the
+    layer's output error (ADQ codebooks per tensor, per channel or shared with group scales)."""
     if method not in SOLVERS:
         raise ValueError(f"unknown PTQ method {method!r}; choose one of {list(METHODS)}.")
     weight = output_major(layer, layer.latent_weight())
     w = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
     if hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"Hessian {list(hessian.shape)} does not match the layer's {w.shape[1]} input columns.")
-    tables = row_tables(layer.weight_quantizer.levels(), w.shape[0])
+    quantizer = layer.weight_quantizer
+    grouped = quantizer.levels().shape[0] not in (1, w.shape[0])
+    fit = getattr(quantizer, "refit_column_group", None)
+    if refit and grouped and fit is None:
+        raise ValueError(f"refit=True: {type(quantizer).__name__} cannot re-fit its group tables; use refit=False.")
+    refit_fn = None
+    if grouped and fit is not None and refit is not False:
+        per_row = quantizer.levels().shape[0] // w.shape[0]
+
+        def refit_fn(t, block, importance):
+            fit(t, per_row, block, importance)
+            return quantizer.levels().detach().to(torch.float64).reshape(w.shape[0], per_row, -1)[:, t]
+
+    tables = row_tables(quantizer.levels(), *w.shape, refit=refit_fn, importance=hessian.diagonal())
+    rtn_error = layer_error(w, nearest_level(w, tables), hessian)
     h = prepare_hessian(hessian, damp)
     started = time.perf_counter()
     q = SOLVERS[method](w, h, tables, **options)
     seconds = time.perf_counter() - started
     q = nearest_level(q, tables)  # exactly on the levels (the solvers already are; guards rounding)
-    errors = {"error": layer_error(w, q, hessian), "rtn_error": layer_error(w, nearest_level(w, tables), hessian),
-              "seconds": seconds}
+    if refine_levels:
+        fit_levels = getattr(quantizer, "fit_levels_to_outputs", None)
+        if fit_levels is None:
+            raise ValueError(f"refine_levels=True: {type(quantizer).__name__} has no codebook levels to refine.")
+        codes = quantizer.encode(q.reshape(weight.shape).to(weight.dtype))
+        codes = fit_levels(w, codes, hessian)
+        q = quantizer.decode(codes).reshape(w.shape).to(torch.float64)
+    errors = {"error": layer_error(w, q, hessian), "rtn_error": rtn_error, "seconds": seconds}
     weight.copy_(q.reshape(weight.shape).to(weight.dtype))
     return errors
 

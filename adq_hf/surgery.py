@@ -264,10 +264,12 @@ def register_post_convert_hook(hook: Callable[[nn.Module, ADQConfig], None]) -> 
         POST_CONVERT_HOOKS.append(hook)
 
 
-def convert_model(model: nn.Module, config: ADQConfig, init_from_weights: bool = True) -> nn.Module:
+def convert_model(model: nn.Module, config: ADQConfig, init_from_weights: bool = True,
+                  importance: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
     """Swap the layers :func:`plan_quantization` selects for quantized ones, in place, and
     initialise their weight quantizers from the weights (``init_from_weights=False``: the weights
-    are not loaded yet: meta device, pre-quantized checkpoints).
+    are not loaded yet: meta device, pre-quantized checkpoints). ``importance`` (``{layer name:
+    tensor like its weight}``) weights the fit of the layers it names (ADQ codebooks).
 
     The bits come from ``config`` as it is: a mixed-precision budget (``target_avg_bits``) must have
     been turned into ``layer_bits`` before (``adq_hf.quantize_model`` does it).
@@ -292,7 +294,7 @@ def convert_model(model: nn.Module, config: ADQConfig, init_from_weights: bool =
         wq = make_weight_quantizer(config, plan.weight_bits, weight.shape).float()
         convert_layer(module, wq, aq, weight_attribute=plan.weight_read_by_parent)
         if init_from_weights and weight.device.type != "meta":
-            init_weight_quantizer(module)  # (StdConv2d: standardises the latent weight first)
+            init_weight_quantizer(module, None if importance is None else importance.get(plan.name))
     model.quantization_config = config
     for hook in POST_CONVERT_HOOKS:
         hook(model, config)

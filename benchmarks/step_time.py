@@ -5,7 +5,8 @@
 
 ResNet-20 on 1x28x28 inputs at batch 128 (the Fashion-MNIST protocol), SGD step with
 cross-entropy. Methods are interleaved round by round so machine drift hits all of them alike;
-the report gives medians and ratios to FP.
+the report gives medians and ratios to FP. Also the weight quantizers' initialisation speed
+(``init`` rows: benchmarks/codebook_init.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import adq_hf
 from adq_hf import ADQConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from codebook_init import REFERENCE_COMMIT, speed_markdown, speed_rows  # noqa: E402
 from common import run_record, write_results  # noqa: E402
 
 METHODS = {
@@ -89,12 +91,15 @@ def main(argv=None) -> int:
         "quantizer_params": extra_params,  # the quantizers' own parameters (ASQ: its adapters)
         "mixed_precision_s": {"sensitivity": sensitivity["seconds"]["ggn"], "allocation": sensitivity["allocation_s"]["ggn"]},
         "sensitivity": sensitivity,
+        "init": speed_rows(args.tier),
         **run_record("step_time.py", argv),
     }
     lines = ["| method | median step (s) | ratio to FP | quantizer parameters (% of FP) |", "|---|---:|---:|---:|"]
     lines += [f"| {n} | {medians[n]:.3f} | {medians[n] / medians['fp']:.2f} | "
               f"{extra_params[n]:,} ({100 * extra_params[n] / fp_params:.2f}%) |" for n in medians]
     lines += [""] + sensitivity_lines(sensitivity)
+    lines += ["", "Weight-quantizer initialisation (`init_from`), one Qwen2.5-0.5B-shaped decoder layer's Linear weights "
+              "(benchmarks/codebook_init.py):", "", *speed_markdown(result["init"], REFERENCE_COMMIT)]
     lines += ["", f"Command: `{result['command']}` (commit {result['commit']}, {result['machine']['threads']} threads)"]
     write_results(args.out, f"step_time_{args.tier}", result, lines)
     return 0

@@ -21,6 +21,13 @@ packs it through adq_hf's transformers quantizer. Rows:
   (uniform grid per channel), ``gptq*`` (adq_hf's GPTQ solver onto a uniform grid per channel or per
   group of 128/64 columns, on the calibration sentences), ``hqq_g64_*`` / ``hqq_g128_*`` (the ``hqq``
   library, groups along the input columns; ``*_axis0``: HQQ's ``axis=0``, groups within an input column), ``nf4``, ``nf4_dq``, ``fp4`` (bitsandbytes, CPU). Each at W4/W3/W2 where the method has it.
+* ``g*`` / ``ptq_*_g*`` / ``mixed*_g*`` (issue 19's codebook options): ``granularity="per_group"``
+  (one codebook per tensor times an fp16 scale per group of 64/128 input columns), then, as the row
+  says, ``adq_hf.fit_codebooks`` (Hessian-weighted tables from the calibration sentences) and
+  ``ptq.quantize`` (group scales re-fitted from the compensated weights); ``mixed*``: bits allocated on
+  the FP model under a byte budget that counts the tables (``allocate_bits(max_bytes=budget * params /
+  8)``, the tier's sensitivity), then the same. Their ``how`` gives the bits per weight with the tables
+  (``memory_report``'s ``bits_per_weight``).
 
 Fidelity: cosine similarity of mean-pooled embeddings to the FP model's, mean and min over held-out
 sentences (Debian fortunes-min: calibration/training sentences from the start of the list, evaluation
@@ -67,6 +74,8 @@ class Row:
     method: str = ""  # PTQ solver; for "mixed": "residual" = sensitivity of 0.5 * mean(y**2) instead of Gauss-Newton;
     # for "peer": the name in weight_only_peers.PEERS
     embedding_bits: Optional[int] = None  # "load": the embeddings' bits (None: float)
+    group_size: Optional[int] = None  # "grouped"/"grouped_mixed": ADQ per_group tables of this many columns
+    weighting: Optional[str] = None  # "grouped"/"grouped_mixed": fit_codebooks(method=...) before any PTQ
 
 
 ROWS = {
@@ -85,12 +94,24 @@ ROWS = {
                                                           "hqq_g64", "hqq_g128", "hqq_g64_axis0", "hqq_g128_axis0")
        for b in (4, 3, 2)},
     **{peer: Row("peer", 4, peer) for peer in ("nf4", "nf4_dq", "fp4")},  # bitsandbytes: 4-bit formats only
+    # issue 19: group scales of a shared codebook, Hessian-weighted fits, PTQ onto them, mixed precision
+    "g128_w4": Row("grouped", 4, "", 128),
+    "g128_w3": Row("grouped", 3, "", 128),
+    "g128_w3_hessian": Row("grouped", 3, "", 128, "hessian"),
+    "ptq_gptq_g128_w4": Row("grouped", 4, "gptq", 128, "hessian"),
+    "ptq_gptq_g128_w3": Row("grouped", 3, "gptq", 128, "hessian"),
+    "ptq_gptq_g64_w3": Row("grouped", 3, "gptq", 64, "hessian"),
+    "ptq_gptq_g64_w2": Row("grouped", 2, "gptq", 64, "hessian"),
+    "mixed3.25_ptq_gptq_g128": Row("grouped_mixed", 3.25, "gptq", 128, "hessian"),
+    "mixed3.0_ptq_gptq_g128": Row("grouped_mixed", 3.0, "gptq", 128, "hessian"),
+    "mixed2.5_ptq_gptq_g64": Row("grouped_mixed", 2.5, "gptq", 64, "hessian"),
+    "mixed2.25_ptq_gptq_g128": Row("grouped_mixed", 2.25, "gptq", 128, "hessian"),
 }
 TIERS = {
     "quick": {"calib_sentences": 16, "eval_sentences": 32, "batch_size": 16, "sensitivity": "fisher",
               "sensitivity_batches": 1, "probes": 1, "qat_steps": 5, "qat_lr": 1e-5,
               "rows": ["fp", "w4", "w3", "mixed3.5", "ptq_gptq_w3", "ptq_sa_w3", "qat_w3", "rtn_w3", "gptq_g128_w3",
-                       "hqq_g64_w3", "nf4_dq"]},
+                       "hqq_g64_w3", "nf4_dq", "g128_w3_hessian", "mixed2.5_ptq_gptq_g64"]},
     "standard": {"calib_sentences": 256, "eval_sentences": 128, "batch_size": 32, "sensitivity": "hutchinson",
                  "sensitivity_batches": 1, "probes": 50, "qat_steps": 200, "qat_lr": 1e-5, "rows": list(ROWS)},
 }
@@ -224,8 +245,72 @@ def build_peer(row: Row, setup: Setup):
     return model, {"how": f"{PEERS[row.method].how}, W{int(row.bits)}"}
 
 
+
+def grouped_config(row: Row, **fields):
+    """Weight-only ADQ with ``per_group`` tables (the default ``group_tables="scaled"``)."""
+    from adq_hf import ADQConfig
+
+    return ADQConfig(activation_bits=None, granularity="per_group", group_size=row.group_size, **fields)
+
+
+def byte_budget_bits(row: Row, setup: Setup) -> Dict[str, int]:
+    """Bits per layer for ``row.bits`` bits per weight *with the tables*: the tier's sensitivity on the FP
+    model, then the exact allocation under ``max_bytes = row.bits * params / 8`` (codes + tables)."""
+    from adq_hf.mixed_precision import allocate_bits, estimate_sensitivity
+    from adq_hf.surgery import plan_quantization
+
+    tier, model = setup.tier, setup.float_model()
+    config = grouped_config(row, weight_bits=4)
+    names = [p.name for p in plan_quantization(model, config)]
+    if "grouped_sensitivity" not in setup.__dict__:  # the same for every such row: measured once per run
+        setup.grouped_sensitivity = estimate_sensitivity(
+            model, setup.calibration[:tier["sensitivity_batches"]], method=tier["sensitivity"],
+            num_batches=tier["sensitivity_batches"], max_iters=tier["probes"], layers=names, progress=False)
+    sensitivity = setup.grouped_sensitivity
+    params = sum(model.get_submodule(n).weight.numel() for n in names)
+    return allocate_bits(model, sensitivity, max_bytes=int(row.bits * params / 8), candidates=(2, 3, 4, 8),
+                         config=config)
+
+
+def build_grouped(row: Row, setup: Setup):
+    """``from_pretrained`` with per-group tables, then (as the row says) ``fit_codebooks`` and PTQ."""
+    import warnings
+
+    from adq_hf import fit_codebooks, memory_report, ptq
+
+    extra = {}
+    if row.kind == "grouped_mixed":
+        layer_bits = byte_budget_bits(row, setup)
+        config = grouped_config(row, layer_bits=layer_bits)
+        counts = {str(b): sum(1 for v in layer_bits.values() if v == b) for b in sorted(set(layer_bits.values()))}
+        steps = [f"budget {row.bits} bits per weight with the tables: {setup.tier['sensitivity']} sensitivity on the FP "
+                 f"model, allocate_bits(max_bytes=...), layers per bits {counts}; from_pretrained(layer_bits=...)"]
+        extra.update(layer_bits=layer_bits, layers_per_bits=counts)
+    else:
+        config = grouped_config(row, weight_bits=int(row.bits))
+        steps = [f"from_pretrained W{int(row.bits)}"]
+    steps[-1] += f", per_group {row.group_size} (shared codebook x fp16 group scales)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (no MiniLM layer falls back to per channel at 64/128 columns)
+        model = setup.quantized_model(config)
+    if row.weighting:
+        fit_codebooks(model, setup.calibration, row.weighting)
+        steps.append(f"fit_codebooks({row.weighting!r})")
+        extra["cosine_after_fit"] = float(setup.cosines(model).mean())
+    if row.method:
+        ptq.quantize(model, setup.calibration, None, method=row.method, progress=False)
+        steps.append(f"ptq.quantize(method={row.method!r}, group scales re-fitted)")
+        report = model.ptq_report
+        extra.update(recon_error=sum(r["error"] for r in report.values()),
+                     rtn_recon_error=sum(r["rtn_error"] for r in report.values()))
+    extra["table_bits_per_weight"] = memory_report(model)["bits_per_weight"]
+    how = ", then ".join(steps) + f"; {extra['table_bits_per_weight']:.3f} bits per weight with the tables"
+    return model, {"how": how, **extra}
+
+
 BUILDERS: Dict[str, Callable] = {"fp": build_fp, "load": build_load, "mixed": build_mixed, "ptq": build_ptq,
-                                 "qat": build_qat, "peer": build_peer}
+                                 "qat": build_qat, "grouped": build_grouped, "grouped_mixed": build_grouped,
+                                 "peer": build_peer}
 
 
 def measure(name: str, setup: Setup) -> dict:

@@ -21,6 +21,7 @@ def test_step_time_quick_tier(tmp_path):
     assert all(-1 <= rho <= 1 for rho in sens["spearman"].values())
     assert all(set(bits) == set(sens["values"]["exact"]) for bits in sens["allocations"].values())
     assert "| ggn |" in (tmp_path / "step_time_quick.md").read_text()
+    assert {"adq_w4_per_channel", "lsq_w4_per_channel"} <= set(result["init"])
 
 
 def test_qat_accuracy_quick_tier(tmp_path, monkeypatch):
@@ -90,3 +91,19 @@ def test_readme_results_block_is_generated_from_the_committed_results(tmp_path):
     edited = text[:begin] + text[begin:].replace("|", "| 0.00 |", 1)
     readme.write_text(edited)
     assert readme_results.main(["--check", "--readme", str(readme)]) == 1
+
+
+def test_codebook_init_quick_tier(tmp_path):
+    import codebook_init
+
+    assert codebook_init.main(["--tier", "quick", "--out", str(tmp_path)]) == 0
+    result = json.load(open(tmp_path / "codebook_init_quick.json"))
+    assert set(codebook_init.SPEED_METHODS) <= set(result["speed"])
+    assert all(r["params_per_s"] > 0 for r in result["speed"].values())
+    assert {r["option"] for r in result["error"]} == set(codebook_init.ERROR_OPTIONS)
+    for row in result["error"]:  # the error of the codebook this implementation fits, and the reference's
+        assert 0 < row["error"] < 1 and row["table_bits_per_weight"] > 0
+        if "converged" in row:
+            assert row["converged"] <= row["error"] * (1 + 1e-6)
+        if "reference" in row:
+            assert abs(row["error"] - row["reference"]) <= 1e-4 * row["reference"]

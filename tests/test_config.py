@@ -33,7 +33,7 @@ BITS_OR_NONE = ("2 to 8", "or None")
         ({"weight_quantizer": ["adq"]}, "weight_quantizer", ("'adq'", "'lsq'")),
         ({"activation_quantizer": "pact"}, "activation_quantizer", ("'lsq'", "'n2uq'")),
         ({"activation_quantizer": "adq"}, "activation_quantizer", ("'lsq'", "'n2uq'")),
-        ({"granularity": "per_group"}, "granularity", ("'per_channel'", "'per_tensor'")),
+        ({"granularity": "per_block"}, "granularity", ("'per_channel'", "'per_group'", "'per_tensor'")),
         ({"granularity": "channel"}, "granularity", ("'per_channel'", "'per_tensor'")),
         ({"codebook_init": "kmeans"}, "codebook_init", ("'quantile'", "'uniform'")),
         ({"codebook_update": "sgd"}, "codebook_update", ("'ema'", "'static'")),

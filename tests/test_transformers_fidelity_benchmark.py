@@ -53,6 +53,10 @@ def test_transformers_fidelity_quick_tier(tmp_path):
     assert rows["hqq_g64_w3"]["bits_per_weight"] == pytest.approx(3.2 + 0.5, abs=0.01)
     assert 4.125 < rows["nf4_dq"]["bits_per_weight"] < 4.2 and rows["nf4_dq"]["avg_weight_bits"] == 4
     assert -1 <= rows["qat_w3"]["cosine_before"] <= 1 and rows["qat_w3"]["steps"] > 0
+    # group scales: their bytes are in the bits per weight, and the byte budget holds with them
+    assert 3 < rows["g128_w3_hessian"]["table_bits_per_weight"] < 3.2
+    assert rows["mixed2.5_ptq_gptq_g64"]["table_bits_per_weight"] <= 2.5
+    assert rows["mixed2.5_ptq_gptq_g64"]["recon_error"] <= rows["mixed2.5_ptq_gptq_g64"]["rtn_recon_error"]
     assert result["commit"] and result["command"].startswith("python benchmarks/transformers_fidelity.py")
     text = (tmp_path / "transformers_fidelity_quick.md").read_text()
     assert "| qat_w3 |" in text and f"| {size_class(rows['rtn_w3']['bits_per_weight'])} | rtn_w3 |" in text

@@ -36,16 +36,18 @@ def memory_report(model: nn.Module) -> Dict[str, int]:
     ``quantized_weight_bytes``: what the quantized layers' weights occupy (deployed: packed codes,
     tables and quantizer state, plus cached decoded weights; fake-quant: the float latent weight and
     quantizer state); ``information_limit_bytes``: sum over quantized layers of ``params * bits / 8``
-    plus the tables ``levels()``; ``fp32_weight_bytes``: the same weights in fp32;
-    ``resident_bytes``: every tensor of the model.
+    plus the state the tables are built from, as stored (``table_bytes()``: codebooks, per-group
+    scales, steps); ``bits_per_weight``: the information limit in bits per quantized weight (codes
+    and tables: what a group's scale or codebook costs is in it); ``fp32_weight_bytes``: the same
+    weights in fp32; ``resident_bytes``: every tensor of the model.
     """
-    weight_tensors, limit, fp32 = [], 0.0, 0
+    weight_tensors, limit, fp32, params = [], 0.0, 0, 0
     for _, layer in weight_owners(model):  # a tied weight once
         deployed = isinstance(layer, DeployedLayerMixin)
         numel = math.prod(layer.weight_shape if deployed else layer.latent_weight().shape)
-        table = layer.weight_quantizer.levels()
-        limit += numel * layer.weight_bits / 8 + table.numel() * table.element_size()
+        limit += numel * layer.weight_bits / 8 + layer.weight_quantizer.table_bytes()
         fp32 += numel * 4
+        params += numel
         weight_tensors.append(layer._buffers["weight"] if deployed else layer.latent_weight())
         weight_tensors.append(layer._buffers.get("decoded_weight"))
         weight_tensors.extend(layer.weight_quantizer.parameters())
@@ -53,6 +55,7 @@ def memory_report(model: nn.Module) -> Dict[str, int]:
     return {
         "quantized_weight_bytes": _unique_bytes(weight_tensors),
         "information_limit_bytes": int(round(limit)),
+        "bits_per_weight": 8 * limit / max(params, 1),
         "fp32_weight_bytes": fp32,
         "resident_bytes": resident_bytes(model),
     }

@@ -19,7 +19,7 @@ from ..nn import init_weight_quantizer, output_major, quantized_layers
 from ..packing import packed_size, unpack_codes
 from ..ptq import quantize_at_load
 from ..serialization import CODES_SUFFIX, CheckpointError, quantized_state_dict
-from ..quantize import quantize_model
+from ..quantize import quantize_model, weighting_needs_data
 from ..surgery import register_post_convert_hook
 
 
@@ -33,6 +33,8 @@ class ADQHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
         config = self.quantization_config
+        if not self.pre_quantized and config.codebook_weighting is not None:  # no calibration data here
+            raise ValueError(weighting_needs_data(config))
         if keep_in_fp32_modules:
             config.modules_to_not_convert = sorted(set(config.modules_to_not_convert) | set(keep_in_fp32_modules))
         quantize_model(model, config, init_from_weights=False)

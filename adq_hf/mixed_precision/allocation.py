@@ -42,15 +42,14 @@ def average_bits(bits: Mapping[str, int], params: Mapping[str, int]) -> float:
 def candidate_stats(weight: torch.Tensor, bits: int, config: ADQConfig) -> Tuple[float, int]:
     """``(||W - Q_b(W)||^2, table bytes)`` with the config's own weight quantizer, freshly
     initialised from ``W`` and run in eval mode (no EMA step). Table bytes: the quantizer's
-    floating-point state (codebooks, steps) stored next to the packed codes."""
+    floating-point state (codebooks, per-group scales, steps) stored next to the packed codes
+    (``WeightQuantizer.table_bytes``)."""
     quantizer = make_weight_quantizer(config, bits, weight.shape).to(weight.device)
     quantizer.init_from(weight.detach())
     quantizer.eval()
     w = weight.detach()
     error = float((w.double() - quantizer(w).double()).pow(2).sum())
-    state = list(quantizer.parameters()) + list(quantizer.buffers())
-    table = sum(t.numel() * t.element_size() for t in state if t.is_floating_point())
-    return error, int(table)
+    return error, quantizer.table_bytes()
 
 
 def quantization_error(weight: torch.Tensor, bits: int, config: ADQConfig) -> float:

@@ -7,6 +7,7 @@ plus one ``register_*_quantizer`` call; nothing else in the package changes.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
@@ -44,6 +45,13 @@ class WeightQuantizer(nn.Module):
     def levels(self) -> torch.Tensor:
         """The values codes decode to, ``[groups, 2**bits]`` (a look-up table per group)."""
         raise NotImplementedError  # pragma: no cover - interface
+
+    def table_bytes(self) -> int:
+        """Bytes of the floating-point state the tables are built from (codebooks, scales, steps) at
+        the dtype it is stored in: what a checkpoint keeps next to the packed codes, and what average
+        bits per weight must include (a group's table or scale is not free)."""
+        state = list(self.parameters()) + list(self.buffers())
+        return sum(t.numel() * t.element_size() for t in state if t.is_floating_point())
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
@@ -223,6 +231,27 @@ def register_activation_quantizer(name: str) -> Callable[[Type[ActivationQuantiz
         return cls
 
     return wrap
+
+
+def weight_groups(config, weight_shape) -> int:
+    """How many contiguous groups of the row-major flattened weight get their own table (step,
+    codebook or scale), from ``config.granularity``: 1 (``per_tensor``), the output channels
+    (``per_channel``), or ``rows * cols / group_size`` (``per_group``: group ``g`` holds columns
+    ``[(g % (cols / G)) * G, ...+ G)`` of row ``g // (cols / G)``; ``cols`` is everything but the output
+    dimension, ``in * kh * kw`` for a convolution). A weight whose ``cols`` is not a multiple of
+    ``group_size`` gets one group per output channel instead (docs/methods.md), with a warning."""
+    rows = int(weight_shape[0])
+    cols = math.prod(int(d) for d in weight_shape[1:])
+    if config.granularity == "per_tensor":
+        return 1
+    if config.granularity == "per_channel":
+        return rows
+    size = config.group_size
+    if cols % size:
+        warnings.warn(f"adq_hf: a weight of shape {list(weight_shape)} has {cols} columns, not a multiple of "
+                      f"group_size={size}: it gets one group per output channel (groups of {cols}).", stacklevel=3)
+        return rows
+    return rows * (cols // size)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

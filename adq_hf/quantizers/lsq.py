@@ -22,6 +22,7 @@ from .base import (
     register_activation_quantizer,
     register_weight_quantizer,
     round_ste,
+    weight_groups,
 )
 
 
@@ -32,7 +33,7 @@ def signed_range(bits: int):
 
 @register_weight_quantizer("lsq")
 class LSQWeightQuantizer(WeightQuantizer):
-    """Signed uniform levels ``k * step``; one step per tensor or per output channel."""
+    """Signed uniform levels ``k * step``; one step per tensor, per output channel or per group."""
 
     def __init__(self, bits: int, num_groups: int = 1):
         super().__init__(bits)
@@ -41,7 +42,7 @@ class LSQWeightQuantizer(WeightQuantizer):
 
     @classmethod
     def from_config(cls, config, bits: int, weight_shape) -> "LSQWeightQuantizer":
-        return cls(bits, num_groups=weight_shape[0] if config.granularity == "per_channel" else 1)
+        return cls(bits, num_groups=weight_groups(config, weight_shape))
 
     def _rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.reshape(self.step.shape[0], -1)
