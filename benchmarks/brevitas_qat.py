@@ -70,16 +70,16 @@ def run(config: dict, resume, arguments: str, recipe) -> int:
     peer = _peer(recipe)
 
     import yaml
-    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate import DataLoaderConfiguration
     from accelerate.utils import gather_object, set_seed
     from safetensors.torch import save_file
 
-    from adq_hf.training import TrainSettings, evaluate_topk, train
+    from adq_hf.training import TrainSettings, build_accelerator, evaluate_topk, train
 
     out = config["output_dir"]
     optim = config["optim"]
     trackers = ["tensorboard"] if recipe._has_tensorboard() else []
-    accelerator = Accelerator(
+    accelerator = build_accelerator(
         gradient_accumulation_steps=optim["grad_accum"],
         mixed_precision=recipe._mixed_precision(optim["mixed_precision"]),
         log_with=trackers or None,
@@ -102,7 +102,8 @@ def run(config: dict, resume, arguments: str, recipe) -> int:
 
     common = dict(grad_accum=optim["grad_accum"], clip_grad=optim["clip_grad"], max_steps=optim["max_steps"],
                   checkpoint_limit=optim["checkpoint_limit"], log_every=optim["log_every"],
-                  optimizer=optim["optimizer"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+                  optimizer=optim["optimizer"], momentum=optim["momentum"], weight_decay=optim["weight_decay"],
+                  compile=config["train"]["compile"])
 
     # 1. the full-precision teacher: the recipe's cached file (trained as the recipe trains it if missing)
     teacher = recipe.create_float_model(config, config["teacher"]["name"])

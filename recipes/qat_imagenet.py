@@ -41,6 +41,8 @@ DEFAULTS = {
     "optim": {"optimizer": "sgd", "epochs": 1, "lr": 0.01, "quantizer_lr": 0.001, "weight_decay": 5e-5,
               "momentum": 0.9, "warmup_steps": 50, "grad_accum": 1, "clip_grad": 5.0, "max_steps": None,
               "mixed_precision": "no", "checkpoint_every": 200, "checkpoint_limit": 2, "log_every": 50},
+    # compile: torch.compile the training step (true = inductor, or a backend name); the teacher's too
+    "train": {"compile": False},
 }
 
 
@@ -186,12 +188,12 @@ def main(argv=None) -> int:
 
 
 def run(config: dict, resume=None, arguments: str = "") -> int:
-    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate import DataLoaderConfiguration
     from accelerate.utils import set_seed
     from safetensors.torch import save_file
 
     import adq_hf
-    from adq_hf.training import TrainSettings, evaluate_topk, train
+    from adq_hf.training import TrainSettings, build_accelerator, evaluate_topk, train
 
     # --- peer-library backend (benchmark B1's brevitas row): `quantization: {backend: brevitas, ...}`
     # runs this recipe's teacher, data, calibration, training loop and evaluation with a brevitas
@@ -210,7 +212,7 @@ def run(config: dict, resume=None, arguments: str = "") -> int:
     out = config["output_dir"]
     optim = config["optim"]
     trackers = ["tensorboard"] if _has_tensorboard() else []
-    accelerator = Accelerator(
+    accelerator = build_accelerator(
         gradient_accumulation_steps=optim["grad_accum"],
         mixed_precision=_mixed_precision(optim["mixed_precision"]),
         log_with=trackers or None,
@@ -233,7 +235,8 @@ def run(config: dict, resume=None, arguments: str = "") -> int:
 
     common = dict(grad_accum=optim["grad_accum"], clip_grad=optim["clip_grad"], max_steps=optim["max_steps"],
                   checkpoint_limit=optim["checkpoint_limit"], log_every=optim["log_every"],
-                  optimizer=optim["optimizer"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+                  optimizer=optim["optimizer"], momentum=optim["momentum"], weight_decay=optim["weight_decay"],
+                  compile=config["train"]["compile"])
 
     # 1. full-precision teacher
     teacher = create_float_model(config, config["teacher"]["name"])

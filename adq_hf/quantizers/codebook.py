@@ -13,10 +13,12 @@ Design choices (docs/methods.md has the reasons and measurements):
     chase it: -8.8 points on the Fashion-MNIST ResNet-20 W2A2 screen (docs/methods.md).
   * EMA adaptation: nearest-level assignment, ``c <- m c + (1 - m) mean(assigned)``, zero fixed,
     empty levels unchanged, levels kept sorted. Updates are derived from the weights only, which
-    DDP keeps identical on every rank, so codebooks stay identical without communication. An update
-    runs in a training forward when the weight has changed since the last one (its in-place version
-    counter moved, i.e. an optimiser step happened), every ``update_interval`` such steps; gradient
-    accumulation micro-steps therefore never update twice.
+    DDP keeps identical on every rank (and FSDP all-gathers before the forward), so codebooks stay
+    identical without communication. An update runs in a training forward when the weight's values
+    have changed since the last one (an optimiser step happened: a fingerprint of sums differs),
+    every ``update_interval`` such steps; gradient accumulation micro-steps therefore never update
+    twice. Values rather than the tensor's version counter: FSDP hands the forward a fresh
+    all-gathered tensor each time, and fused optimisers do not bump the counter.
   * Straight-through gradient to the float weight.
 """
 
@@ -115,6 +117,16 @@ def nearest_codes(rows: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 MAX_COMPARED_MIDPOINTS = 15
 
 
+@torch.no_grad()
+def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """Sum and norm (accumulated in float64), smallest and largest value: equal for unchanged
+    values, and an optimiser step that moves any weight changes them (a few reductions, no copy)."""
+    w = weight.detach()
+    low, high = torch.aminmax(w)
+    return torch.stack([w.sum(dtype=torch.float64), torch.linalg.vector_norm(w, dtype=torch.float64),
+                        low.double(), high.double()])
+
+
 @register_weight_quantizer("adq")
 class CodebookWeightQuantizer(WeightQuantizer):
     """Non-uniform codebook quantizer (ADQ). ``per_channel`` gives each output channel its own levels."""
@@ -139,9 +151,9 @@ class CodebookWeightQuantizer(WeightQuantizer):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         # optimiser steps seen (saved, so a resumed run keeps the update_interval phase)
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
-        # weight version at the last forward; None after a load: the checkpoint was taken right
-        # after an optimiser step, so the first training forward counts as a new step
-        self._last_version: Optional[int] = None
+        # fingerprint of the weight values at the last update; None after a load: the checkpoint was
+        # taken right after an optimiser step, so the first training forward counts as a new step
+        self._last_seen: Optional[torch.Tensor] = None
 
     @classmethod
     def from_config(cls, config, bits: int, weight_shape) -> "CodebookWeightQuantizer":
@@ -165,7 +177,7 @@ class CodebookWeightQuantizer(WeightQuantizer):
         self.codebook.copy_(initial_codebook(rows, self.bits, self.init, self.init_iters).to(self.codebook))
         self.num_updates.zero_()  # buffers may hold garbage (transformers creates missing keys empty)
         self.num_steps.zero_()
-        self._last_version = weight._version
+        self._last_seen = weight_fingerprint(weight)
 
     @torch.no_grad()
     def ema_update(self, weight: torch.Tensor) -> None:
@@ -174,14 +186,14 @@ class CodebookWeightQuantizer(WeightQuantizer):
         self.codebook.copy_(move_levels(self.codebook, rows, self.ema_decay))
         self.num_updates += 1
 
-    @torch.compiler.disable  # reads the weight's version counter: runs outside torch.compile's graph
+    @torch.compiler.disable  # host synchronisation: runs outside torch.compile's graph
     def _maybe_adapt(self, weight: torch.Tensor) -> None:
         if not (self.training and self.adapt and torch.is_grad_enabled()):
             return
-        version = weight._version
-        if version == self._last_version:
+        seen = weight_fingerprint(weight)
+        if self._last_seen is not None and torch.equal(seen, self._last_seen.to(seen.device)):
             return
-        self._last_version = version
+        self._last_seen = seen
         self.num_steps += 1
         if int(self.num_steps) % self.update_interval == 0:
             self.ema_update(weight)

@@ -69,9 +69,13 @@ class N2UQActivationQuantizer(ActivationQuantizer):
         start, scale = grad_scale(self.start, g), grad_scale(self.scale, g)
         d = grad_scale(self.raw_intervals, g).abs() + _EPS
         if n <= MAX_COMPARED_INTERVALS and x.dtype == d.dtype:
-            bounds = few_interval_bounds(start.detach(), d.detach())
-            return _N2UQFewIntervals.apply(x, start, d, scale, self.zero_point, bounds)
+            zero_point, bounds = self._zero_point_and_bounds()
+            return _N2UQFewIntervals.apply(x, start, d, scale, zero_point, bounds)
         return _N2UQFunction.apply(x, start, d, scale, self.zero_point)
+
+    @torch.compiler.disable  # host synchronisations: one graph break under torch.compile
+    def _zero_point_and_bounds(self):
+        return self.zero_point, few_interval_bounds(self.start.detach(), self.intervals().detach())
 
 
 # Up to this many intervals (bits <= 4), the forward counts thresholds passed with one comparison
@@ -123,7 +127,6 @@ def _edge_and_width_grads(per_edge: torch.Tensor, per_width: torch.Tensor, d: to
     return grad_start.to(d.dtype), (-(later_edges + per_width)).to(d.dtype)
 
 
-@torch.compiler.disable
 def few_interval_bounds(start: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``[3, n]``: the exact float thresholds of ``_N2UQFunction``'s rules, per interval ``k``:
     ``T_k`` (``level`` counts the ``T_k <= x``) and ``[A_k, B_k)``, where the gradient flows.
@@ -132,7 +135,7 @@ def few_interval_bounds(start: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     ``u = (x - L_j) / d_j`` in floats, adds 1 to the level when ``u >= 0.5`` and passes gradient when
     ``0 < u < 1``. Each rule is monotone in ``x``, so it switches at one float, found by
     ``smallest_float_where``; clipped to the interval, these give the same decisions for every ``x``.
-    Outside torch.compile's graph (a few tiny ops and one host synchronisation).
+    A few tiny ops and host synchronisations.
     """
     lower = _lower_edges(start, d)
     upper = torch.cat([lower[1:], lower.new_full((1,), math.inf)])
