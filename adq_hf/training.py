@@ -44,6 +44,7 @@ class TrainSettings:
     ce_weight: float = 1.0
     temperature: float = 1.0
     checkpoint_every: int = 0  # optimiser steps; 0: only at the end of each epoch
+    checkpoints: bool = True  # False: none at all (a model whose state is not tensors only cannot be saved)
     checkpoint_limit: int = 2
     log_every: int = 50
     max_steps: Optional[int] = None  # stop early (tests, smoke runs)
@@ -290,13 +291,15 @@ def train(
     resume: Optional[str] = None,
     log: Optional[Callable[[dict], None]] = None,
     stage: str = "train",
+    on_step: Optional[Callable[[], None]] = None,
 ) -> Tuple[nn.Module, Dict[str, float]]:
     """Train ``model`` (float or quantized) with optional distillation.
 
     Returns the trained model (unwrapped) and the last eval metrics plus the per-epoch history.
 
     ``model``, loaders are unprepared; this prepares them. The teacher is moved to the device and
-    frozen, never wrapped in DDP. Checkpoints go to ``output_dir/checkpoints``.
+    frozen, never wrapped in DDP. Checkpoints go to ``output_dir/checkpoints``. ``on_step`` runs after
+    every optimiser step (e.g. a peer library's schedule: coremltools' ``palettizer.step()``).
     """
     log = log or (lambda record: None)
     optimizer = build_optimizer(model, settings)
@@ -359,6 +362,8 @@ def train(
             bar.update(1)
             if accelerator.sync_gradients:
                 progress.global_step += 1
+                if on_step is not None:
+                    on_step()
                 if progress.global_step % settings.log_every == 0:
                     record = {"stage": stage, "step": progress.global_step, "epoch": epoch,
                               "loss": accelerator.reduce(loss.detach(), "mean").item(),
@@ -367,7 +372,8 @@ def train(
                                     step=progress.global_step)
                     log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if settings.checkpoint_every and progress.global_step % settings.checkpoint_every == 0:
+                if (settings.checkpoints and settings.checkpoint_every
+                        and progress.global_step % settings.checkpoint_every == 0):
                     checkpoints.save(f"step-{progress.global_step}")
                 if progress.global_step >= total_steps:
                     done = True
@@ -383,7 +389,8 @@ def train(
         accelerator.print(f"[{stage}] epoch {epoch}: top1 {metrics['top1']:.4f} top5 {metrics.get('top5', 0):.4f} "
                           f"({epoch_time:.0f} s)")
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
-        checkpoints.save(f"step-{progress.global_step}")
+        if settings.checkpoints:
+            checkpoints.save(f"step-{progress.global_step}")
     accelerator.wait_for_everyone()
     # Forget this stage's objects so a later stage's checkpoints hold only its own state.
     accelerator._custom_objects.remove(progress)
