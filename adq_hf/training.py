@@ -1,23 +1,32 @@
 """The Accelerate training loop the recipes share: optimiser groups, schedule, distillation,
 evaluation, atomic checkpoints and resume. Accelerate does all distribution (DDP/FSDP, CPU/GPU).
+
+FSDP (``accelerate launch --config_file recipes/configs/accelerate_fsdp.yaml``; docs/methods.md,
+"FSDP") is FSDP2 ``fully_shard``: the layers' weights are sharded; the quantizers' own parameters
+(scalars and tiny vectors, which ``fully_shard`` cannot or need not shard) stay whole on every rank,
+their gradients averaged here; each forward sees the all-gathered weight, so codebook updates read
+the full weight on every rank. Accelerate enables FSDP only on accelerators: ``build_accelerator``
+also enables it for CPU processes (gloo), which is what the tests run.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .distill import distillation_loss
 
-QUANTIZER_PARAM_MARKERS = ("weight_quantizer.", "input_quantizer.")
+QUANTIZER_MODULE_NAMES = ("weight_quantizer", "input_quantizer")  # adq_hf.nn's quantized layers name them so
+QUANTIZER_PARAM_MARKERS = tuple(f"{name}." for name in QUANTIZER_MODULE_NAMES)
 
 
 @dataclass
@@ -35,9 +44,12 @@ class TrainSettings:
     ce_weight: float = 1.0
     temperature: float = 1.0
     checkpoint_every: int = 0  # optimiser steps; 0: only at the end of each epoch
+    checkpoints: bool = True  # False: none at all (a model whose state is not tensors only cannot be saved)
     checkpoint_limit: int = 2
     log_every: int = 50
     max_steps: Optional[int] = None  # stop early (tests, smoke runs)
+    # torch.compile the training forward/backward: False, True (inductor) or a backend name
+    compile: Union[bool, str] = False
 
 
 def parameter_groups(model: nn.Module, settings: TrainSettings):
@@ -78,6 +90,95 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_accelerator(**kwargs):
+    """``Accelerator(**kwargs)``, with FSDP for CPU processes too when the launch asked for it.
+
+    Accelerate ignores ``distributed_type: FSDP`` on CPU processes and silently runs DDP; with
+    ``ACCELERATE_USE_FSDP=true`` (what ``accelerate launch`` sets for an FSDP config) this switches
+    the state to FSDP2 with the plugin built from the ``FSDP_*`` variables, as on GPUs.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator = Accelerator(**kwargs)
+    if (accelerator.distributed_type == DistributedType.MULTI_CPU
+            and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
+        plugin = FullyShardedDataParallelPlugin()
+        if plugin.fsdp_version != 2:
+            raise ValueError(f"fsdp_version={plugin.fsdp_version}: FSDP on CPU processes needs fsdp_version: 2 "
+                             "(recipes/configs/accelerate_fsdp.yaml).")
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    return accelerator
+
+
+class ShardedTraining:
+    """What FSDP2 needs beyond Accelerate's ``prepare``: the quantizer modules left out of sharding
+    and their gradients averaged across ranks, rank 0's BatchNorm statistics before evaluation (DDP
+    broadcasts them at every forward), and the trained model as a plain module. Inactive (every
+    method a no-op) without FSDP."""
+
+    def __init__(self, accelerator, model: nn.Module):
+        from accelerate.utils import DistributedType
+
+        self.accelerator = accelerator
+        self.active = accelerator.distributed_type == DistributedType.FSDP
+        self.modules = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in QUANTIZER_MODULE_NAMES]
+        self.params, self.template = [], None
+        if not self.active:
+            return
+        plugin = accelerator.state.fsdp_plugin
+        if self.modules and plugin.fsdp_version != 2:
+            raise ValueError(f"fsdp_version={plugin.fsdp_version} with a quantized model: use fsdp_version: 2 "
+                             "(recipes/configs/accelerate_fsdp.yaml); FSDP1 is not supported.")
+        if self.modules:
+            ignored = plugin.ignored_modules
+            if isinstance(ignored, str):
+                raise ValueError(f"fsdp_ignored_modules={ignored!r}: adq_hf sets the ignored modules itself (the "
+                                 "quantizers); leave it unset.")
+            plugin.ignored_modules = list(ignored or []) + self.modules
+        self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
+        self.template = copy.deepcopy(model)  # receives the full state dict at the end
+
+    def average_gradients(self) -> None:
+        """All-reduce (mean) the replicated parameters' gradients; FSDP averages the sharded ones."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        import torch.distributed as dist
+
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+    def broadcast_other_buffers(self, model: nn.Module) -> None:
+        """Rank 0's BatchNorm statistics (and any other non-quantizer buffer) to every rank; quantizer
+        buffers (codebooks) are left as each rank has them."""
+        if not self.active or self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        own = {id(b) for m in self.modules for b in m.buffers()}
+        for buffer in model.buffers():
+            if id(buffer) not in own:
+                dist.broadcast(buffer, src=0)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The trained model as a plain module: under FSDP the full state dict (on every rank) loaded
+        into an unsharded copy; otherwise Accelerate's unwrapping."""
+        if not self.active:
+            return self.accelerator.unwrap_model(model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        self.template.load_state_dict(full)
+        return self.template
 
 
 @dataclass
@@ -190,13 +291,15 @@ def train(
     resume: Optional[str] = None,
     log: Optional[Callable[[dict], None]] = None,
     stage: str = "train",
+    on_step: Optional[Callable[[], None]] = None,
 ) -> Tuple[nn.Module, Dict[str, float]]:
     """Train ``model`` (float or quantized) with optional distillation.
 
     Returns the trained model (unwrapped) and the last eval metrics plus the per-epoch history.
 
     ``model``, loaders are unprepared; this prepares them. The teacher is moved to the device and
-    frozen, never wrapped in DDP. Checkpoints go to ``output_dir/checkpoints``.
+    frozen, never wrapped in DDP. Checkpoints go to ``output_dir/checkpoints``. ``on_step`` runs after
+    every optimiser step (e.g. a peer library's schedule: coremltools' ``palettizer.step()``).
     """
     log = log or (lambda record: None)
     optimizer = build_optimizer(model, settings)
@@ -205,9 +308,11 @@ def train(
     if settings.max_steps:
         total_steps = min(total_steps, settings.max_steps)
     scheduler = cosine_with_warmup(optimizer, settings.warmup_steps, total_steps)
+    sharded = ShardedTraining(accelerator, model)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
+    step_model = compiled(model, settings.compile)  # evaluation runs the uncompiled model (no second compile)
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
     progress = Progress()
@@ -237,7 +342,7 @@ def train(
         bar = _progress_bar(accelerator, len(train_loader), progress.step_in_epoch, f"{stage} epoch {epoch}")
         for images, labels in loader:
             with accelerator.accumulate(model):
-                logits = _logits(model(images))
+                logits = _logits(step_model(images))
                 teacher_logits = None
                 if teacher is not None and settings.kd_weight:
                     with torch.no_grad():
@@ -246,6 +351,8 @@ def train(
                     logits, labels, teacher_logits, settings.kd_weight, settings.ce_weight, settings.temperature
                 )
                 accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    sharded.average_gradients()
                 if accelerator.sync_gradients and settings.clip_grad:
                     accelerator.clip_grad_norm_(model.parameters(), settings.clip_grad)
                 optimizer.step()
@@ -255,6 +362,8 @@ def train(
             bar.update(1)
             if accelerator.sync_gradients:
                 progress.global_step += 1
+                if on_step is not None:
+                    on_step()
                 if progress.global_step % settings.log_every == 0:
                     record = {"stage": stage, "step": progress.global_step, "epoch": epoch,
                               "loss": accelerator.reduce(loss.detach(), "mean").item(),
@@ -263,13 +372,15 @@ def train(
                                     step=progress.global_step)
                     log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if settings.checkpoint_every and progress.global_step % settings.checkpoint_every == 0:
+                if (settings.checkpoints and settings.checkpoint_every
+                        and progress.global_step % settings.checkpoint_every == 0):
                     checkpoints.save(f"step-{progress.global_step}")
                 if progress.global_step >= total_steps:
                     done = True
                     break
         bar.close()
         epoch_time = time.perf_counter() - started
+        sharded.broadcast_other_buffers(model)
         metrics = evaluate_topk(model, eval_loader, accelerator)
         progress.history.append({"epoch": epoch, "eval": metrics, "epoch_time_s": epoch_time})
         record = {"stage": stage, "epoch": epoch, "step": progress.global_step, "epoch_time_s": epoch_time, **metrics}
@@ -278,13 +389,24 @@ def train(
         accelerator.print(f"[{stage}] epoch {epoch}: top1 {metrics['top1']:.4f} top5 {metrics.get('top5', 0):.4f} "
                           f"({epoch_time:.0f} s)")
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
-        checkpoints.save(f"step-{progress.global_step}")
+        if settings.checkpoints:
+            checkpoints.save(f"step-{progress.global_step}")
     accelerator.wait_for_everyone()
     # Forget this stage's objects so a later stage's checkpoints hold only its own state.
     accelerator._custom_objects.remove(progress)
-    trained = accelerator.unwrap_model(model)
+    trained = sharded.unwrap(model)
     accelerator.free_memory()
     return trained, {**metrics, "history": progress.history}
+
+
+def compiled(model: nn.Module, setting: Union[bool, str]) -> nn.Module:
+    """``torch.compile(model)`` for ``setting`` True (inductor) or a backend name; the model itself for
+    False. Compiled after Accelerate's wrapping (DDP/FSDP), as Accelerate does; the wrapper shares the
+    parameters, so checkpoints, evaluation and the returned model use the uncompiled module."""
+    if setting in (False, None, "", "false", "no"):
+        return model
+    backend = "inductor" if setting in (True, "true", "inductor") else str(setting)
+    return torch.compile(model, backend=backend)
 
 
 def _progress_bar(accelerator, total: int, initial: int, desc: str):

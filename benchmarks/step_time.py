@@ -1,12 +1,17 @@
 #!/usr/bin/env python
 """B4 (part): QAT training-step time over FP step time, same run, same machine.
 
-    python benchmarks/step_time.py [--tier quick|standard] [--out benchmarks/results]
+    python benchmarks/step_time.py [--tier quick|standard] [--compile] [--out benchmarks/results]
 
-ResNet-20 on 1x28x28 inputs at batch 128 (the Fashion-MNIST protocol), SGD step with
+ResNet-20 on 1x28x28 inputs at batch 128 (the Fashion-MNIST protocol) and timm's ResNet-18 at
+3x224x224, batch 32 (the ImageNet shape; 3x64x64, batch 4 in the quick tier), SGD step with
 cross-entropy. Methods are interleaved round by round so machine drift hits all of them alike;
-the report gives medians and ratios to FP. Also the weight quantizers' initialisation speed
-(``init`` rows: benchmarks/codebook_init.py).
+the report gives medians and ratios to FP of the same model, by wall clock and by process CPU
+time (the CPU time excludes waiting for a core, so it is the steadier of the two on a shared
+machine). ``--compile`` adds ResNet-20 rows with ``torch.compile`` (inductor; the recipe's
+``train.compile=true``): the compile time of each model and its step against the compiled and the
+eager FP step. Also the sensitivity estimators' comparison and the weight
+quantizers' initialisation speed (``init`` rows: benchmarks/codebook_init.py).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from typing import Dict, Tuple
 
 import torch
 
@@ -34,6 +41,25 @@ METHODS = {
     "asq_post_w2a2": ADQConfig(weight_bits=2, activation_bits=2, weight_quantizer="post", activation_quantizer="asq"),
     "brevitas_w2a2": "brevitas",  # the peer library (optional `bench` extra; skipped when not installed)
 }
+COMPILED = ("fp", "adq_w2a2", "lsq_w2a2", "asq_post_w2a2")
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str  # timm model
+    num_classes: int
+    input: Tuple[int, int, int]
+    batch: int
+    quick_input: Tuple[int, int, int]
+    quick_batch: int
+
+
+MODELS = {
+    "resnet20": Model("resnet20_cifar", 10, (1, 28, 28), 128, (1, 28, 28), 128),
+    "resnet18": Model("resnet18", 1000, (3, 224, 224), 32, (3, 64, 64), 4),
+}
+TIERS = {"quick": {"resnet20": (2, 2), "resnet18": (2, 1)},  # (rounds, timed steps per round)
+         "standard": {"resnet20": (7, 5), "resnet18": (3, 2)}}
 
 
 def brevitas_available() -> bool:
@@ -42,11 +68,11 @@ def brevitas_available() -> bool:
     return importlib.util.find_spec("brevitas") is not None
 
 
-def build(config, x):
+def build(spec: Model, config, x):
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1)
+    model = timm.create_model(spec.name, num_classes=spec.num_classes, in_chans=x.shape[1])
     if config == "brevitas":
         import brevitas_peer
 
@@ -57,47 +83,101 @@ def build(config, x):
     return model.train()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tier", choices=["quick", "standard"], default="standard")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args(argv)
-    rounds, steps = (2, 2) if args.tier == "quick" else (7, 5)
-    torch.manual_seed(0)
-    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    methods = {n: c for n, c in METHODS.items() if c != "brevitas" or brevitas_available()}
-    models = {name: build(cfg, x) for name, cfg in methods.items()}
+def time_steps(models: Dict[str, torch.nn.Module], x, y, rounds: int, steps: int):
+    """``{name: (wall medians, cpu medians)}`` of SGD steps, methods interleaved round by round."""
     optims = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
-    times = {name: [] for name in methods}
+    wall = {name: [] for name in models}
+    cpu = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
             opt = optims[name]
             for step in range(steps + 1):  # first step of a round is a warm-up
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 loss = torch.nn.functional.cross_entropy(model(x), y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 if step:
-                    times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+                    wall[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - start_cpu)
+    return ({n: statistics.median(v) for n, v in wall.items()}, {n: statistics.median(v) for n, v in cpu.items()},
+            len(wall["fp"]))
+
+
+def measure_model(key: str, tier: str) -> dict:
+    spec = MODELS[key]
+    rounds, steps = TIERS[tier][key]
+    shape, batch = (spec.quick_input, spec.quick_batch) if tier == "quick" else (spec.input, spec.batch)
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, *shape), torch.randint(0, spec.num_classes, (batch,))
+    methods = {n: c for n, c in METHODS.items() if c != "brevitas" or brevitas_available()}
+    models = {name: build(spec, cfg, x) for name, cfg in methods.items()}
+    wall, cpu, samples = time_steps(models, x, y, rounds, steps)
     fp_params = sum(p.numel() for p in models["fp"].parameters())
-    extra_params = {name: sum(p.numel() for p in m.parameters()) - fp_params for name, m in models.items()}
+    return {"model": spec.name, "input": list(shape), "batch": batch, "median_step_s": wall, "median_cpu_s": cpu,
+            "ratio_to_fp": {n: wall[n] / wall["fp"] for n in wall}, "cpu_ratio_to_fp": {n: cpu[n] / cpu["fp"] for n in cpu},
+            "samples_per_method": samples, "fp_params": fp_params,
+            # the quantizers' own parameters (ASQ: its adapters)
+            "quantizer_params": {n: sum(p.numel() for p in m.parameters()) - fp_params for n, m in models.items()}}
+
+
+def measure_compiled(tier: str) -> dict:
+    """ResNet-20 under ``torch.compile`` (inductor): compile time (the first step) and step medians
+    against the compiled and the eager FP step of the same run."""
+    spec = MODELS["resnet20"]
+    rounds, steps = TIERS[tier]["resnet20"]
+    torch.manual_seed(0)
+    x, y = torch.randn(spec.batch, *spec.input), torch.randint(0, spec.num_classes, (spec.batch,))
+    eager = {"fp": build(spec, None, x)}
+    compiled, compile_s = {}, {}
+    for name in COMPILED:
+        model = torch.compile(build(spec, METHODS[name], x))
+        start = time.perf_counter()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        compile_s[name] = time.perf_counter() - start
+        compiled[name] = model
+    wall, cpu, samples = time_steps({"eager_fp": eager["fp"], **compiled}, x, y, rounds, steps)
+    return {"model": spec.name, "batch": spec.batch, "compile_s": compile_s, "median_step_s": wall, "median_cpu_s": cpu,
+            "ratio_to_compiled_fp": {n: wall[n] / wall["fp"] for n in COMPILED},
+            "cpu_ratio_to_compiled_fp": {n: cpu[n] / cpu["fp"] for n in COMPILED},
+            "ratio_to_eager_fp": {n: wall[n] / wall["eager_fp"] for n in COMPILED}, "samples_per_method": samples}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tier", choices=sorted(TIERS), default="standard")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes of compilation)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    models = {key: measure_model(key, args.tier) for key in MODELS}
+    compiled = measure_compiled(args.tier) if args.compile else None
     sensitivity = sensitivity_comparison(args.tier)
     result = {
-        "benchmark": "B4 step time", "tier": args.tier, "model": "resnet20_cifar 1x28x28", "batch": 128,
-        "median_step_s": medians, "ratio_to_fp": {n: medians[n] / medians["fp"] for n in medians},
-        "samples_per_method": len(times["fp"]), "fp_params": fp_params,
-        "quantizer_params": extra_params,  # the quantizers' own parameters (ASQ: its adapters)
+        "benchmark": "B4 step time", "tier": args.tier, "models": models, "compiled": compiled,
         "mixed_precision_s": {"sensitivity": sensitivity["seconds"]["ggn"], "allocation": sensitivity["allocation_s"]["ggn"]},
         "sensitivity": sensitivity,
         "init": speed_rows(args.tier),
         **run_record("step_time.py", argv),
     }
-    lines = ["| method | median step (s) | ratio to FP | quantizer parameters (% of FP) |", "|---|---:|---:|---:|"]
-    lines += [f"| {n} | {medians[n]:.3f} | {medians[n] / medians['fp']:.2f} | "
-              f"{extra_params[n]:,} ({100 * extra_params[n] / fp_params:.2f}%) |" for n in medians]
-    lines += [""] + sensitivity_lines(sensitivity)
+    lines = []
+    for key, m in models.items():
+        lines += [f"**{m['model']}** {'x'.join(map(str, m['input']))}, batch {m['batch']} "
+                  f"({m['samples_per_method']} steps per method):", "",
+                  "| method | median step (s) | step / FP (wall) | step / FP (CPU time) | quantizer parameters (% of FP) |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {n} | {m['median_step_s'][n]:.3f} | {m['ratio_to_fp'][n]:.2f} | {m['cpu_ratio_to_fp'][n]:.2f} | "
+                  f"{m['quantizer_params'][n]:,} ({100 * m['quantizer_params'][n] / m['fp_params']:.2f}%) |"
+                  for n in m["median_step_s"]]
+        lines.append("")
+    if compiled:
+        lines += [f"**torch.compile (inductor)**, {compiled['model']} batch {compiled['batch']}:", "",
+                  "| method | compile (s) | median step (s) | step / compiled FP | step / compiled FP (CPU time) | "
+                  "step / eager FP |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {n} | {compiled['compile_s'][n]:.0f} | {compiled['median_step_s'][n]:.3f} | "
+                  f"{compiled['ratio_to_compiled_fp'][n]:.2f} | {compiled['cpu_ratio_to_compiled_fp'][n]:.2f} | "
+                  f"{compiled['ratio_to_eager_fp'][n]:.2f} |" for n in COMPILED]
+        lines.append("")
+    lines += sensitivity_lines(sensitivity)
     lines += ["", "Weight-quantizer initialisation (`init_from`), one Qwen2.5-0.5B-shaped decoder layer's Linear weights "
               "(benchmarks/codebook_init.py):", "", *speed_markdown(result["init"], REFERENCE_COMMIT)]
     lines += ["", f"Command: `{result['command']}` (commit {result['commit']}, {result['machine']['threads']} threads)"]

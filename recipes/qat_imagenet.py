@@ -41,6 +41,8 @@ DEFAULTS = {
     "optim": {"optimizer": "sgd", "epochs": 1, "lr": 0.01, "quantizer_lr": 0.001, "weight_decay": 5e-5,
               "momentum": 0.9, "warmup_steps": 50, "grad_accum": 1, "clip_grad": 5.0, "max_steps": None,
               "mixed_precision": "no", "checkpoint_every": 200, "checkpoint_limit": 2, "log_every": 50},
+    # compile: torch.compile the training step (true = inductor, or a backend name); the teacher's too
+    "train": {"compile": False},
 }
 
 
@@ -185,32 +187,91 @@ def main(argv=None) -> int:
         return 2
 
 
+class AdqBackend:
+    """The recipe's own quantization: ``adq_hf.quantize_model`` with the ``quantization`` section as
+    an ``ADQConfig`` (mixed precision when ``target_avg_bits`` is set), optionally PTQ, and the packed
+    ``save_pretrained`` checkpoint with its bit report and model card.
+
+    Peer libraries (B1's brevitas and coremltools rows, ``quantization: {backend: NAME, ...}``) are
+    objects with the same methods in ``benchmarks/`` (``PEER_BACKENDS``); adq_hf does not import them.
+    """
+
+    name = "adq_hf"
+    checkpoints = True  # the student's state dict is tensors only: save_state checkpoints and --resume work
+
+    def __init__(self, config: dict):
+        import adq_hf
+
+        self.config = config
+        try:
+            self.qconfig = adq_hf.ADQConfig(**config["quantization"])
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"quantization: {err}") from None
+
+    def quantize(self, student, calibration, accelerator, resume):
+        """Quantize ``student`` in place; returns a callable to run after every optimiser step, or None."""
+        import adq_hf
+
+        adq_hf.quantize_model(student, self.qconfig, calibration_data=calibration)
+        if self.config["init"] == "ptq" and resume is None:  # a resumed run restores its own weights
+            from adq_hf.ptq import quantize as post_training_quantize
+
+            post_training_quantize(student, calibration, method=self.config["ptq"]["method"], progress=False)
+            accelerator.print(f"PTQ ({self.config['ptq']['method']}) initialisation done")
+        return None
+
+    def finish(self, student, evaluate):
+        """The model to evaluate and save after training, and its metrics (None: the training's last)."""
+        return student, None
+
+    def report(self, student) -> dict:
+        import adq_hf
+
+        return {"average_weight_bits": adq_hf.average_weight_bits(student), "bit_map": adq_hf.bit_map(student),
+                "quantization_config": self.qconfig.to_dict()}
+
+    def save(self, student, final: str, resolved: dict, results: dict) -> None:
+        import adq_hf
+        from adq_hf.model_card import write_model_card
+
+        adq_hf.save_pretrained(student, final, data_config=resolved)
+        adq_hf.write_report(student, None, final)
+        write_model_card(final, results=results, recipe_config=yaml.safe_dump(self.config, sort_keys=False),
+                         command=results["command"])
+
+
+# peer libraries of benchmark B1: `quantization: {backend: NAME, ...}` -> benchmarks/<module>.py's Backend
+PEER_BACKENDS = {"brevitas": "brevitas_qat", "coreml_dkm": "dkm_qat"}
+
+
+def quantization_backend(config: dict):
+    section = config["quantization"]
+    name = section.get("backend") if isinstance(section, dict) else None
+    if name is None:
+        return AdqBackend(config)
+    if name not in PEER_BACKENDS:
+        raise RecipeError(f"quantization.backend={name!r} is unknown; peers: {sorted(PEER_BACKENDS)} "
+                          "(leave it out for adq_hf)")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import importlib
+
+    return importlib.import_module(PEER_BACKENDS[name]).Backend(config, recipe=sys.modules[__name__])
+
+
 def run(config: dict, resume=None, arguments: str = "") -> int:
-    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate import DataLoaderConfiguration
     from accelerate.utils import set_seed
     from safetensors.torch import save_file
 
-    import adq_hf
-    from adq_hf.training import TrainSettings, evaluate_topk, train
+    from adq_hf.training import TrainSettings, build_accelerator, evaluate_topk, train
 
-    # --- peer-library backend (benchmark B1's brevitas row): `quantization: {backend: brevitas, ...}`
-    # runs this recipe's teacher, data, calibration, training loop and evaluation with a brevitas
-    # student built by benchmarks/brevitas_peer.py (needs the `bench` extra). adq_hf does not import it.
-    if isinstance(config["quantization"], dict) and config["quantization"].get("backend") == "brevitas":
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-        from brevitas_qat import run as run_brevitas
-
-        return run_brevitas(config, resume, arguments, recipe=sys.modules[__name__])
-    # --- end of the brevitas hook ---
-
-    try:
-        qconfig = adq_hf.ADQConfig(**config["quantization"])
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"quantization: {err}") from None
+    backend = quantization_backend(config)
+    if resume and not backend.checkpoints:
+        raise RecipeError(f"--resume: the {backend.name} student cannot be checkpointed, so its runs do not resume")
     out = config["output_dir"]
     optim = config["optim"]
     trackers = ["tensorboard"] if _has_tensorboard() else []
-    accelerator = Accelerator(
+    accelerator = build_accelerator(
         gradient_accumulation_steps=optim["grad_accum"],
         mixed_precision=_mixed_precision(optim["mixed_precision"]),
         log_with=trackers or None,
@@ -233,7 +294,8 @@ def run(config: dict, resume=None, arguments: str = "") -> int:
 
     common = dict(grad_accum=optim["grad_accum"], clip_grad=optim["clip_grad"], max_steps=optim["max_steps"],
                   checkpoint_limit=optim["checkpoint_limit"], log_every=optim["log_every"],
-                  optimizer=optim["optimizer"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+                  optimizer=optim["optimizer"], momentum=optim["momentum"], weight_decay=optim["weight_decay"],
+                  compile=config["train"]["compile"])
 
     # 1. full-precision teacher
     teacher = create_float_model(config, config["teacher"]["name"])
@@ -271,44 +333,39 @@ def run(config: dict, resume=None, arguments: str = "") -> int:
     elif teacher_path and (config["teacher"]["name"] in (None, config["model"]["name"])):
         load_float_weights(student, teacher_path)
     calibration = [batch for _, batch in zip(range(config["calibration"]["num_batches"]), calib_loader)]
-    adq_hf.quantize_model(student, qconfig, calibration_data=calibration)
-    if config["init"] == "ptq" and resume is None:  # a resumed run restores its own weights
-        from adq_hf.ptq import quantize as post_training_quantize
-
-        post_training_quantize(student, calibration, method=config["ptq"]["method"], progress=False)
-        accelerator.print(f"PTQ ({config['ptq']['method']}) initialisation done")
+    on_step = backend.quantize(student, calibration, accelerator, resume)
     settings = TrainSettings(epochs=optim["epochs"], lr=optim["lr"], quantizer_lr=optim["quantizer_lr"],
                              warmup_steps=optim["warmup_steps"], checkpoint_every=optim["checkpoint_every"],
+                             checkpoints=backend.checkpoints,
                              kd_weight=config["distill"]["kd_weight"], ce_weight=config["distill"]["ce_weight"],
                              temperature=config["distill"]["temperature"], **common)
     student, metrics = train(accelerator, student, train_loader, eval_loader, settings, out,
-                             teacher=teacher, resume=resume, log=log, stage="qat")
+                             teacher=teacher, resume=resume, log=log, stage="qat", on_step=on_step)
+    student, final_metrics = backend.finish(
+        student, lambda model: evaluate_topk(model, accelerator.prepare_data_loader(eval_loader), accelerator))
+    if final_metrics is not None:
+        metrics = {**metrics, **final_metrics}
 
     # 3. the quantized checkpoint, its bit report and a results summary
     from accelerate.utils import gather_object
 
     digests = gather_object([state_digest(student)])  # every rank's weights and quantizer state
-    avg_bits = adq_hf.average_weight_bits(student)
+    report = backend.report(student)
+    avg_bits = report["average_weight_bits"]
     results = {"fp_top1": fp_metrics["top1"], "fp_top5": fp_metrics.get("top5"), "top1": metrics["top1"],
-               "top5": metrics.get("top5"), "average_weight_bits": avg_bits,
+               "top5": metrics.get("top5"), **report,
                "epoch_time_s": [h["epoch_time_s"] for h in metrics["history"]],
                "num_processes": accelerator.num_processes, "rank_state_digests": digests,
-               "bit_map": adq_hf.bit_map(student), "quantization_config": qconfig.to_dict(),
                "command": (f"accelerate launch --num_processes {accelerator.num_processes} " if accelerator.num_processes > 1
                            else "python ") + f"recipes/qat_imagenet.py {arguments}".strip()}
     if accelerator.is_main_process:
         final = os.path.join(out, "final")
-        adq_hf.save_pretrained(student, final, data_config=resolved)
-        adq_hf.write_report(student, None, final)
+        backend.save(student, final, resolved, results)
         with open(os.path.join(out, "results.json"), "w") as fh:
             json.dump(results, fh, indent=2)
-        from adq_hf.model_card import write_model_card
-
-        write_model_card(final, results=results, recipe_config=yaml.safe_dump(config, sort_keys=False),
-                         command=results["command"])
     accelerator.wait_for_everyone()
     accelerator.print(
-        f"FP top-1 {100 * fp_metrics['top1']:.2f}% | quantized top-1 {100 * metrics['top1']:.2f}% | "
+        f"FP top-1 {100 * fp_metrics['top1']:.2f}% | quantized top-1 {100 * metrics['top1']:.2f}% ({backend.name}) | "
         f"average weight bits {avg_bits:.2f} | checkpoint {os.path.join(out, 'final')}"
     )
     accelerator.end_training()

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -13,15 +15,32 @@ def test_step_time_quick_tier(tmp_path):
 
     assert step_time.main(["--tier", "quick", "--out", str(tmp_path)]) == 0
     result = json.load(open(tmp_path / "step_time_quick.json"))
-    assert set(result["median_step_s"]) == set(step_time.METHODS)
-    assert result["ratio_to_fp"]["fp"] == 1.0 and all(v > 0 for v in result["median_step_s"].values())
-    assert (tmp_path / "step_time_quick.md").read_text().startswith("| method")
+    assert set(result["models"]) == {"resnet20", "resnet18"} and result["compiled"] is None
+    for model in result["models"].values():
+        assert set(model["median_step_s"]) == set(step_time.METHODS)
+        assert model["ratio_to_fp"]["fp"] == 1.0 and all(v > 0 for v in model["median_step_s"].values())
+        assert model["cpu_ratio_to_fp"]["fp"] == 1.0 and all(v > 0 for v in model["median_cpu_s"].values())
+    assert result["models"]["resnet18"]["input"] == [3, 64, 64]
+    assert (tmp_path / "step_time_quick.md").read_text().startswith("**resnet20_cifar** 1x28x28, batch 128")
     sens = result["sensitivity"]
     assert set(sens["seconds"]) == {"ggn", "hutchinson", "exact"} and sens["time_ratio_hutchinson_to_ggn"] > 0
     assert all(-1 <= rho <= 1 for rho in sens["spearman"].values())
     assert all(set(bits) == set(sens["values"]["exact"]) for bits in sens["allocations"].values())
     assert "| ggn |" in (tmp_path / "step_time_quick.md").read_text()
     assert {"adq_w4_per_channel", "lsq_w4_per_channel"} <= set(result["init"])
+
+
+def test_qat_accuracy_tiers_have_the_issue_18_budget():
+    import qat_accuracy
+
+    standard, epoch1 = qat_accuracy.TIERS["standard"], qat_accuracy.TIERS["epoch1"]
+    assert standard.epochs >= 4 and len(standard.seeds) == 3 and "teacher.epochs=6" in standard.overrides
+    assert set(standard.rows) == set(qat_accuracy.ROWS)
+    weight_only = {n for n, r in qat_accuracy.ROWS.items() if r.config in qat_accuracy.WEIGHT_ONLY_CONFIGS}
+    assert weight_only == {"w2", "w3", "lsq_w2", "lsq_w3", "dkm_w2", "dkm_w3"}
+    # the earlier standard budget, whose table the README keeps
+    assert epoch1.epochs == 1 and epoch1.seeds == (0,) and "teacher.epochs=2" in epoch1.overrides
+    assert not weight_only & set(epoch1.rows)
 
 
 def test_qat_accuracy_quick_tier(tmp_path, monkeypatch):
@@ -31,23 +50,34 @@ def test_qat_accuracy_quick_tier(tmp_path, monkeypatch):
             "--cache-dir", str(tmp_path / "cache")]
     assert qat_accuracy.main(args) == 0
     result = json.load(open(tmp_path / "qat_accuracy_quick.json"))
-    assert set(result["rows"]) == set(qat_accuracy.TIERS["quick"][1])
-    assert {r["method"] for r in result["rows"].values()} >= {"ADQ", "LSQ", "ASQ+POST"}
+    assert set(result["rows"]) == set(qat_accuracy.TIERS["quick"].rows)
+    assert {r["method"] for r in result["rows"].values()} >= {"ADQ", "LSQ", "ASQ+POST", "coremltools DKM"}
     assert (tmp_path / "qat_accuracy_quick.png").stat().st_size > 0
+    assert 0 < result["teacher_top1"] <= 1
     for row in result["rows"].values():
-        assert 0 <= row["top1"] <= 1 and 0 <= row["fp_top1"] <= 1 and len(row["epoch_time_s"]) == 1
+        (run,) = row["seeds"].values()
+        assert 0 <= row["top1"] <= 1 and 0 <= row["fp_top1"] <= 1 and len(run["epoch_time_s"]) == 1
+        assert row["top1"] == row["top1_min"] == row["top1_max"] == run["top1"]
     assert result["rows"]["mixed2.8"]["average_weight_bits"] <= 2.8
+    assert result["rows"]["w2"]["activation_bits"] is None and result["rows"]["dkm_w2"]["activation_bits"] is None
     assert "| w2a2 |" in (tmp_path / "qat_accuracy_quick.md").read_text()
-    # A later invocation at another commit reuses the finished rows (nothing re-trains) and credits
+    # A second seed of one row: the row becomes the mean of both, with the min-max.
+    assert qat_accuracy.main(args + ["--rows", "w2a2", "--seeds", "0", "1"]) == 0
+    two = json.load(open(tmp_path / "qat_accuracy_quick.json"))["rows"]["w2a2"]
+    tops = [s["top1"] for s in two["seeds"].values()]
+    assert set(two["seeds"]) == {"0", "1"} and two["top1"] == pytest.approx(sum(tops) / 2)
+    assert (two["top1_min"], two["top1_max"]) == (min(tops), max(tops))
+    # A later invocation at another commit reuses the finished runs (nothing re-trains) and credits
     # each to the commit that ran it, not to itself.
-    ran_by = {name: row["commit"] for name, row in result["rows"].items()}
+    ran_by = {name: {k: s["commit"] for k, s in row["seeds"].items()}
+              for name, row in json.load(open(tmp_path / "qat_accuracy_quick.json"))["rows"].items()}
     later = dict(qat_accuracy.run_record("qat_accuracy.py", args), commit="a-later-commit")
     monkeypatch.setattr(qat_accuracy, "run_record", lambda *_: later)
     monkeypatch.setattr(qat_accuracy, "subprocess", None)  # a row that re-trained would raise here
     assert qat_accuracy.main(args + ["--rows", "w2a2"]) == 0
     again = json.load(open(tmp_path / "qat_accuracy_quick.json"))
     assert again["commit"] == "a-later-commit"
-    assert {name: row["commit"] for name, row in again["rows"].items()} == ran_by
+    assert {name: {k: s["commit"] for k, s in row["seeds"].items()} for name, row in again["rows"].items()} == ran_by
 
 
 def test_ptq_quick_tier(tmp_path):

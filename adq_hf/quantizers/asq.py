@@ -117,5 +117,8 @@ class ASQActivationQuantizer(LSQActivationQuantizer):
         per_beta = x.numel() // max(beta.numel(), 1)
         return super().effective_step(x, qmax) * grad_scale(beta, 1.0 / math.sqrt(per_beta * qmax))
 
+    def step_and_grad_factor(self, x: torch.Tensor, qmax: int):
+        return self.effective_step(x, qmax), 1.0
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, channel_dim={self.channel_dim}"

@@ -21,9 +21,9 @@ from .base import (
     grad_scale,
     register_activation_quantizer,
     register_weight_quantizer,
-    round_ste,
     weight_groups,
 )
+from .fake_quant import UniformFakeQuant
 
 
 def signed_range(bits: int):
@@ -68,9 +68,9 @@ class LSQWeightQuantizer(WeightQuantizer):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         rows = self._rows(weight)
-        step = grad_scale(self.step, 1.0 / math.sqrt(rows.shape[1] * self.qmax))
-        ints = round_ste(torch.clamp(rows / step, self.qmin, self.qmax))
-        return (ints * step).reshape(weight.shape).to(weight.dtype)
+        factor = 1.0 / math.sqrt(rows.shape[1] * self.qmax)
+        fake = UniformFakeQuant.apply(rows, self.step, self.qmin, self.qmax, factor)
+        return fake.reshape(weight.shape).to(weight.dtype)
 
 
 @register_activation_quantizer("lsq")
@@ -89,9 +89,14 @@ class LSQActivationQuantizer(ActivationQuantizer):
         """The step ``x`` is quantized with (LSQ's gradient scaling applied); ASQ multiplies it."""
         return grad_scale(self.step, 1.0 / math.sqrt(x.numel() * qmax))
 
+    def step_and_grad_factor(self, x: torch.Tensor, qmax: int):
+        """``(step, factor)``: the step and the factor its gradient is scaled by inside the fused
+        function (LSQ's ``1/sqrt(numel Qp)``); ASQ returns its effective step, already scaled, and 1."""
+        return self.step, 1.0 / math.sqrt(x.numel() * qmax)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             self.init_from(x)
         qmin, qmax = self.int_range()
-        step = self.effective_step(x, qmax)
-        return round_ste(torch.clamp(x / step, qmin, qmax)) * step
+        step, factor = self.step_and_grad_factor(x, qmax)
+        return UniformFakeQuant.apply(x, step, qmin, qmax, factor)
