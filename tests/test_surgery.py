@@ -326,7 +326,7 @@ def test_layers_whose_parent_reads_their_weight_are_quantized_through_it():
     with torch.no_grad():
         out = model(x)
     assert ran == {n for n, _ in adq_hf.quantized_layers(model)}  # every quantized weight is used
-    deployed = adq_hf.convert_for_inference(__import__("copy").deepcopy(model))
+    deployed = adq_hf.convert_for_inference(__import__("copy").deepcopy(model), exact=True)  # bit for bit
     with torch.no_grad():
         assert torch.equal(deployed(x), out)
     with pytest.warns(UserWarning, match=r"quantizes only the weights of these layers.*blocks\.0\.attn\.qkv, blocks\.1\.attn\.qkv"):

@@ -103,7 +103,7 @@ def test_zoo(name, tmp_path):
         prompt = {k: v for k, v in inputs.items() if not k.startswith("decoder_")}
         options = dict(min_new_tokens=3, max_new_tokens=3, do_sample=False, pad_token_id=0)
         fake_quant_tokens = reloaded.generate(**prompt, **options)
-    adq_hf.convert_for_inference(reloaded)
+    adq_hf.convert_for_inference(reloaded, exact=True)  # bit for bit (the fused kernels reassociate sums)
     with torch.no_grad():
         record["deploy_equal"] = torch.equal(case.output(reloaded(**inputs)), w4_out)
     if case.generates:
