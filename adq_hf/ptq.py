@@ -682,27 +682,36 @@ class _PTQRun:
 
 @torch.no_grad()
 def _input_groups(plan: BlockPlan, index: int, layers, item: BlockInput) -> List[List]:
-    """``layers`` (forward order) in runs of consecutive layers fed the same input tensor."""
+    """``layers`` (forward order) in runs of consecutive layers fed the same input tensor.
+
+    "The same" is object identity, decided while the block runs with the previous layer's input still
+    held: a tensor freed after its layer (o_proj's input) leaves its Python object slot, and so its
+    ``id``, to the next tensor made (the norm output feeding gate/up), so ids compared afterwards would
+    group layers fed different tensors, and a Hessian would then be taken before the layer feeding it is
+    quantized."""
     wanted = {id(m): (n, m) for n, m in layers}
-    calls, handles = [], []
-    for _, layer in layers:
-        handles.append(layer.register_forward_pre_hook(lambda m, a: calls.append((id(m), id(a[0])))))
+    groups: List[List] = []
+    placed = set()
+    previous = [None]  # the last layer's input, held until the next layer's is compared with it
+
+    def record(module, args):
+        if id(module) in placed:
+            return  # a layer called again: its first call places it
+        placed.add(id(module))
+        if groups and args[0] is previous[0]:
+            groups[-1].append(wanted[id(module)])
+        else:
+            groups.append([wanted[id(module)]])
+        previous[0] = args[0]
+
+    handles = [layer.register_forward_pre_hook(record) for _, layer in layers]
     try:
         item.run(plan, index)
     finally:
         for handle in handles:
             handle.remove()
-    groups, last_input, seen = [], None, set()
-    for module_id, input_id in calls:
-        if module_id in seen:
-            continue
-        seen.add(module_id)
-        if groups and input_id == last_input:
-            groups[-1].append(wanted[module_id])
-        else:
-            groups.append([wanted[module_id]])
-        last_input = input_id
-    groups += [[wanted[i]] for i in wanted if i not in seen]  # not reached on this batch: alone, at the end
+        previous[0] = None
+    groups += [[wanted[i]] for i in wanted if i not in placed]  # not reached on this batch: alone, at the end
     return groups
 
 

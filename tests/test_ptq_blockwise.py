@@ -12,7 +12,7 @@ from torch import nn
 
 import adq_hf
 from adq_hf import ADQConfig
-from adq_hf.blockwise import find_blocks, plan_blocks
+from adq_hf.blockwise import capture_inputs, find_blocks, plan_blocks
 from adq_hf.calibration import calibration_batches
 from adq_hf.ptq import PTQInterrupted, _input_groups, quantize
 
@@ -109,13 +109,60 @@ def test_layers_fed_the_same_input_form_one_group_in_forward_order():
     batch = _token_batches(1)[0]
     layers = [(n, m) for n, m in adq_hf.quantized_layers(model)]
     plan = plan_blocks(model, [m for _, m in layers], batch)
-    from adq_hf.blockwise import capture_inputs
-
     inputs = capture_inputs(model, plan, [batch])
     block = plan.blocks[0][1]
     inside = [(n, m) for n, m in layers if any(m is x for x in block.modules())]
     groups = [[n.split(".")[-1] for n, _ in g] for g in _input_groups(plan, 0, inside, inputs[0])]
     assert groups == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+class _FreedInput(nn.Module):
+    """``b`` is fed a new tensor made right after ``a``'s input is freed: it takes that tensor's Python
+    object slot, so the two inputs have the same ``id`` although they are different tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, h):
+        return self.b(h + self.a(torch.tanh(h)))
+
+
+class _FreedInputChain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(_FreedInput() for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_layer_fed_a_new_tensor_in_a_freed_ones_place_is_not_grouped_with_the_layer_before():
+    batches = [torch.randn(16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    config = ADQConfig(weight_bits=2, first_layer_bits=None, last_layer_bits=None, codebook_init_iters=2)
+    ids = []
+    probe = _FreedInputChain().eval()
+    for block in probe.blocks:
+        for layer in (block.a, block.b):
+            layer.register_forward_pre_hook(lambda m, a: ids.append(id(a[0])))
+    with torch.no_grad():
+        probe(batches[0])
+    assert ids[0] == ids[1]  # the situation under test: b's input reuses a's freed input's id
+    reference = quantize(_FreedInputChain(), batches, ADQConfig.from_dict(config.to_dict()), method="gptq",
+                         progress=False, blockwise=False)
+    model = quantize(_FreedInputChain(), batches, config, method="gptq", progress=False)
+    assert model.ptq_plan["blockwise"] and model.ptq_plan["blocks"] == 3
+    # b's Hessian is taken after a is PTQ'd (as layer at a time), not in one pass with a
+    _assert_same_weights(model, reference)
+    layers = adq_hf.quantized_layers(model)
+    plan = plan_blocks(model, [m for _, m in layers], batches[0])
+    inputs = capture_inputs(model, plan, batches[:1])
+    for index, (_, block) in enumerate(plan.blocks):
+        inside = [(n, m) for n, m in layers if any(m is x for x in block.modules())]
+        assert [[n.split(".")[-1] for n, _ in g] for g in _input_groups(plan, index, inside, inputs[0])] == [["a"], ["b"]]
 
 
 class _Scaled(nn.Module):
