@@ -291,7 +291,7 @@ def convert_model(model: nn.Module, config: ADQConfig, init_from_weights: bool =
             tie_layer(module, modules[plan.tied_to], aq)
             continue
         weight = output_major(module, module._parameters["weight"])
-        wq = make_weight_quantizer(config, plan.weight_bits, weight.shape).float()
+        wq = make_weight_quantizer(config, plan.weight_bits, weight.shape).state_in_float32()
         convert_layer(module, wq, aq, weight_attribute=plan.weight_read_by_parent)
         if init_from_weights and weight.device.type != "meta":
             init_weight_quantizer(module, None if importance is None else importance.get(plan.name))

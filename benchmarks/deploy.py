@@ -24,9 +24,10 @@ new tokens one at a time with the KV cache (greedy): decode tokens/s (prefill no
 ``bf16`` (the same weights cast), ``adq-w4`` and ``adq-w3`` (ADQ per-channel codebooks on every decoder
 Linear, weights only, deploy mode: the fused look-up-table kernel), ``adq-w4-exact`` (the same model with
 ``exact=True``: decoded weights and ``F.linear``) and ``hqq-w4-g64`` (hqq's ``HQQLinear``, 4 bits, groups
-of 64, compute fp32, on the same Linear layers). The tied embedding / LM head stays float in every
-variant but ``bf16`` (adq_hf does not quantize tied weights; HQQ gets the same layers), shared between
-the variants. Variants take turns, one whole generation each, ``rounds`` times; medians.
+of 64, compute fp32, on the same Linear layers). The tied embedding / LM head stays float and shared
+in those variants (HQQ has no embedding format); ``adq-w4-emb4`` is ``adq-w4`` with the tied
+embedding / LM head quantized too (``embedding_bits=4, last_layer_bits=4``: one 4-bit per-row table,
+stored once; the head reads it through the fused kernel, the embedding decodes only the rows it looks up). Variants take turns, one whole generation each, ``rounds`` times; medians.
 
 Results: benchmarks/results/deploy_<tier>.{json,md}.
 """
@@ -267,8 +268,9 @@ def _with_quantized_layers(fp, quantize_layer):
 
 
 def decode_variants(settings: dict, layers=None) -> dict:
-    """The decode workload's models; the tied embedding / LM head tensor is shared by all but bf16."""
+    """The decode workload's models; the tied embedding / LM head tensor is shared by all but bf16 and adq-w4-emb4."""
     import adq_hf
+    from adq_hf import ADQConfig
 
     fp = qwen_shaped_lm(layers or settings["layers"], **settings["shapes"])
     # cast parameter by parameter: no second fp32 copy of the model at any time
@@ -279,6 +281,12 @@ def decode_variants(settings: dict, layers=None) -> dict:
         variants[f"adq-w{bits}"] = _with_quantized_layers(fp, _adq_deploy(bits))
     variants["adq-w4-exact"] = exact = copy.deepcopy(variants["adq-w4"], memo={id(p): p for p in fp.parameters()})
     adq_hf.deploy.set_exact(exact)
+    # the tied embedding / LM head at 4 bits as well (its module objects copied, the float tensor shared
+    # until deploy mode drops it from the copies)
+    tied = copy.deepcopy(variants["adq-w4"], memo={id(p): p for p in fp.parameters()})
+    adq_hf.quantize_model(tied, ADQConfig(weight_bits=4, activation_bits=None, granularity="per_channel",
+                                          embedding_bits=4, last_layer_bits=4))
+    variants["adq-w4-emb4"] = adq_hf.convert_for_inference(tied)
     variants["hqq-w4-g64"] = _with_quantized_layers(fp, _hqq)
     return variants
 

@@ -46,6 +46,19 @@ class WeightQuantizer(nn.Module):
         """The values codes decode to, ``[groups, 2**bits]`` (a look-up table per group)."""
         raise NotImplementedError  # pragma: no cover - interface
 
+    # Buffers stored at another precision by design (the codebook's fp16 group scales): ``state_in_float32``
+    # keeps them there.
+    stored_dtypes: Dict[str, torch.dtype] = {}
+
+    def state_in_float32(self) -> "WeightQuantizer":
+        """Every floating tensor of the quantizer in float32 whatever the default dtype the model was
+        built under (bf16/fp16 models: docs/methods.md, "Half precision"), but ``stored_dtypes``."""
+        self.float()
+        for name, dtype in self.stored_dtypes.items():
+            if self._buffers.get(name) is not None:
+                self._buffers[name] = self._buffers[name].to(dtype)
+        return self
+
     def table_bytes(self) -> int:
         """Bytes of the floating-point state the tables are built from (codebooks, scales, steps) at
         the dtype it is stored in: what a checkpoint keeps next to the packed codes, and what average

@@ -388,6 +388,8 @@ class CodebookWeightQuantizer(WeightQuantizer):
     same table layout for packing, deploy and ONNX, at a fraction of the bytes (docs/methods.md).
     """
 
+    stored_dtypes = {"scale": SCALE_DTYPE}
+
     def __init__(
         self,
         bits: int,
