@@ -63,8 +63,24 @@ def test_sorted_lloyd_iterations_equal_the_scatter_update(bits, init):
         book = initial_codebook(rows, bits, init=init)
         for _ in range(12):
             book = move_levels(book, rows, 0.0)
-        got = initial_codebook(rows, bits, init=init, iters=12)
+        got = SortedRows(rows).lloyd(initial_codebook(rows, bits, init=init), 12)
         assert torch.allclose(got, book, rtol=1e-5, atol=1e-6), (name, (got - book).abs().max())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_refinement_keeps_the_lower_error_of_the_quantile_and_uniform_seeds(bits):
+    # from quantile seeds Lloyd converges slowly with many levels: at 8 bits 30 steps left a Gaussian
+    # tensor at 1.8x the error of a best-step uniform grid (relative error 0.0159 against 0.0088)
+    torch.manual_seed(4)
+    rows = torch.randn(1, 256 * 9 * 64)
+    data = SortedRows(rows, squares=True)
+    refined = initial_codebook(rows, bits, iters=30)
+    from_quantiles = data.lloyd(initial_codebook(rows, bits), 30)
+    from_uniform = data.lloyd(initial_codebook(rows, bits, init="uniform"), 30)
+    assert float(data.error(refined)) == min(float(data.error(from_quantiles)), float(data.error(from_uniform)))
+    assert float(data.error(refined)) <= float(data.error(from_quantiles))
+    relative = (float(data.error(refined)) / float(rows.double().pow(2).sum())) ** 0.5
+    assert relative < {2: 0.37, 4: 0.1, 8: 0.0095}[bits], relative
 
 
 def test_iterations_stop_at_the_fixed_point():
