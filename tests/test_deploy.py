@@ -1,6 +1,7 @@
 """Deploy mode (adq_hf.deploy): packed codes + look-up tables in memory, exact outputs, save/load,
 resident memory, ONNX in onnxruntime, refusal to train, timm deploy=True, MiniLM, CLI and B3."""
 
+import copy
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import adq_hf
 from adq_hf import ADQConfig
 from adq_hf.deploy import (
     DeployedLayerMixin,
+    OnnxMismatchError,
     TrainingRefusedError,
     convert_for_inference,
     export_onnx,
@@ -25,6 +27,7 @@ from adq_hf.deploy import (
     resident_bytes,
     set_exact,
     set_weight_cache,
+    verify_onnx,
 )
 from adq_hf.packing import pack_codes, unpack_codes
 
@@ -369,3 +372,45 @@ def test_n2uq_onnx_two_level_count_equals_the_quantizer(bits):
         x = x[: len(x) // 7 * 7].reshape(-1, 7)  # any shape: the count works elementwise
         with torch.no_grad():
             assert torch.equal(_n2uq_onnx_form(layer, x), quantizer(x))
+
+
+@pytest.fixture(scope="module")
+def w8a8_vit_onnx(tmp_path_factory):
+    """A deep W8A8 ViT (12 blocks, 32x32: 5 tokens) deployed and exported unverified. Deep enough that
+    float rounding flips quantized activations in PyTorch's own float32 output too (issue 16)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=12,
+                              quantization_config=ADQConfig(weight_bits=8, activation_bits=8))
+    adq_hf.calibrate_activations(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
+    deployed = convert_for_inference(model.eval(), exact=True)
+    x = torch.randn(4, 3, 32, 32)
+    path = str(tmp_path_factory.mktemp("vit") / "vit.onnx")
+    export_onnx(deployed, x, path, verify=False)
+    return deployed, x, path
+
+
+@pytest.mark.slow  # the fixture: about 30 s
+def test_onnx_vit_rounding_flips_pass_against_the_float64_result(w8a8_vit_onnx, monkeypatch):
+    # at 224x224 a W8A8 ViT's cascade of flipped activations exceeded the fixed 0.1 (issue 16); at 32x32
+    # it stays near 0.01, so the fixed tolerance is lowered here to make this size take the same path
+    import adq_hf.deploy.onnx as deploy_onnx
+
+    monkeypatch.setattr(deploy_onnx, "ACTIVATION_RTOL", 1e-3)
+    deployed, x, path = w8a8_vit_onnx
+    result = verify_onnx(deployed, x, path)
+    assert result["rel_l2"] > 1e-3  # the runtimes' last-bit differences flipped activations
+    errors = result["rel_l2_float64"]
+    assert errors["pytorch"] > 1e-3  # ... as float32 rounding does within PyTorch against float64
+    assert errors["onnxruntime"] <= deploy_onnx.ROUNDING_FACTOR * errors["pytorch"]
+    with pytest.raises(OnnxMismatchError, match="relative L2"):  # an explicit rtol stays a plain bound
+        verify_onnx(deployed, x, path, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_onnx_verify_rejects_a_graph_float_rounding_does_not_explain(w8a8_vit_onnx):
+    deployed, x, path = w8a8_vit_onnx
+    changed = copy.deepcopy(deployed)
+    with torch.no_grad():
+        changed.norm.weight.mul_(1.5)  # PyTorch now computes another function than the file
+    with pytest.raises(OnnxMismatchError, match="computed in float64"):
+        verify_onnx(changed, x, path)
