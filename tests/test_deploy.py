@@ -334,9 +334,11 @@ def test_b3_quick_tier_writes_well_formed_results(tmp_path):
     assert [r["model"] for r in result["rows"]] == ["resnet20-w2a2", "minilm-w4"]
     assert {"machine", "commit", "time", "command", "kernels"} <= set(result)
     decode = result["decode"]  # the decode workload at tiny shapes: every variant in the same run
-    assert set(decode["tokens_per_s"]) == {"fp32", "bf16", "adq-w4", "adq-w3", "adq-w4-exact", "hqq-w4-g64"}
+    assert set(decode["tokens_per_s"]) == {"fp32", "bf16", "adq-w4", "adq-w3", "adq-w4-exact", "adq-w4-emb4",
+                                             "hqq-w4-g64"}
     assert all(v > 0 for v in decode["tokens_per_s"].values()) and decode["ratio_to_fp32"]["fp32"] == 1.0
     assert decode["resident_bytes"]["adq-w4"] < decode["resident_bytes"]["fp32"]
+    assert decode["resident_bytes"]["adq-w4-emb4"] < decode["resident_bytes"]["adq-w4"]  # the tied table packed too
     for row in result["rows"]:
         assert row["deploy_equals_fake_quant"]
         assert row["checkpoint"]["packed_bytes"] < row["checkpoint"]["fp32_bytes"]
