@@ -26,6 +26,14 @@ def small_model(config, x):
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    # BatchNorm statistics of the data, as a trained model has them: calibration runs in eval mode, and
+    # with the initial statistics (mean 0, variance 1) the ranges it sets would clip every training-mode
+    # input of the classifier (no gradient would reach the convolutions)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None  # cumulative average
+        model.train()(x)
     quantize_model(model, config, calibration_data=[x])
     return model.train()
 
