@@ -189,13 +189,8 @@ class _PerBlockArguments(nn.Module):
         return self.head(h)
 
 
-class _Parallel(nn.Module):
+class _Parallel(_PerBlockArguments):
     """Blocks that are not a chain (each reads the stem output): no block plan, layer at a time."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem, self.blocks, self.head = nn.Linear(4, 6), nn.ModuleList(_Scaled() for _ in range(3)), nn.Linear(6, 3)
 
     def forward(self, x):
         h = self.stem(x)
