@@ -6,7 +6,7 @@
 A causal LM with Qwen2.5-0.5B's shapes (hidden 896, intermediate 4864, 24 layers, 14 heads, 2 KV
 heads, vocabulary 151,936, tied embeddings; ``--layers N`` for a scaled-down model), random weights
 saved once as safetensors in ``--cache-dir``. Every row runs in its own subprocess (peak resident
-memory = that process's ``ru_maxrss``):
+memory = that process's ``VmHWM``):
 
 - ``float``: ``from_pretrained`` in fp32;
 - ``adq_w4_per_channel`` / ``adq_w4_per_tensor``: ``from_pretrained(..., quantization_config=ADQConfig(
@@ -69,6 +69,16 @@ def model_dir(cache_dir: str, shape: dict) -> str:
 
 
 def _peak_mb() -> float:
+    """This process's peak resident set (MB): ``VmHWM``, which starts afresh with the process's own memory
+    map. ``ru_maxrss`` does not: Linux carries it over ``execve``, so a row's subprocess reported the
+    parent's peak (the checkpoint writer's) whatever the row did."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
@@ -249,7 +259,7 @@ def markdown(result: dict) -> list:
                      f"{num(r.get('peak_mb'), '{:.0f}')} | {num(m_ratio)} |")
     lines += ["", "quantize (s): adq_hf, the time in its loading hooks (layer swap, codebooks from the loaded weights; "
               "load (s) is the whole from_pretrained); HQQ, replacing the Linear layers of the loaded float model. "
-              "Peak RSS: ru_maxrss of the row's process" + (" (all rows in one process here: cumulative, no ratio)"
+              "Peak RSS: VmHWM of the row's process" + (" (all rows in one process here: cumulative, no ratio)"
                                                              if result["rows_in_one_process"] else "")
               + "; the last column is the peak after loading minus the process's size after its imports, over the "
               "fp32 parameter bytes.", f"PTQ: block by block on {result['ptq_sequences']} random-token sequences of {result['ptq_length']} "
