@@ -73,9 +73,9 @@ class Row:
     bits: Optional[float] = None  # weight bits; for "mixed" the average-bit budget
     method: str = ""  # PTQ solver; for "mixed": "residual" = sensitivity of 0.5 * mean(y**2) instead of Gauss-Newton;
     # for "peer": the name in weight_only_peers.PEERS
-    embedding_bits: Optional[int] = None  # "load": the embeddings' bits (None: float)
     group_size: Optional[int] = None  # "grouped"/"grouped_mixed": ADQ per_group tables of this many columns
     weighting: Optional[str] = None  # "grouped"/"grouped_mixed": fit_codebooks(method=...) before any PTQ
+    embedding_bits: Optional[int] = None  # "load": the embeddings' bits (None: float)
 
 
 ROWS = {

@@ -148,5 +148,6 @@ def test_codebook_init_quick_tier(tmp_path):
         assert 0 < row["error"] < 1 and row["table_bits_per_weight"] > 0
         if "converged" in row:
             assert row["converged"] <= row["error"] * (1 + 1e-6)
-        if "reference" in row:
-            assert abs(row["error"] - row["reference"]) <= 1e-4 * row["reference"]
+        if "reference" in row:  # never worse than the previous implementation (the refinement also starts
+            # from a uniform grid and keeps the lower-error fit, so it may be better)
+            assert row["error"] <= row["reference"] * (1 + 1e-4)
