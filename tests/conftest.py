@@ -33,3 +33,16 @@ os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="adq_hf-test-hub-cache-")
 os.environ.pop("HF_TOKEN", None)
+
+
+def fashion_mnist_batches(images: int, batch_size: int) -> list:
+    """The first ``images`` real Fashion-MNIST training images, as ResNet-20 (1x28x28) eval batches."""
+    import timm
+    from torch.utils.data import DataLoader
+
+    from adq_hf.data import collate_images, image_transforms, load_image_dataset, resolve_data_config
+
+    model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1)
+    ds = load_image_dataset("fashion_mnist", "train").select(range(images))
+    ds.set_transform(image_transforms(resolve_data_config(model, (1, 28, 28)), "none")[1])
+    return list(DataLoader(ds, batch_size=batch_size, collate_fn=collate_images))

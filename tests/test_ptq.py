@@ -2,7 +2,6 @@
 real Hessians (real Fashion-MNIST images through a timm ResNet-20, real MiniLM weights and
 sentences), and the whole pipeline on a real model."""
 
-import itertools
 
 import pytest
 import timm
@@ -13,6 +12,7 @@ from adq_hf import ADQConfig
 from adq_hf.ptq import (SOLVERS, collect_hessian, layer_error, nearest_level, prepare_hessian, quantize,
                         quantize_layer, row_tables)
 from adq_hf.serialization import load_file, save_file
+from conftest import fashion_mnist_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,13 +100,7 @@ def test_gptq_without_act_order_on_one_column_block_is_the_textbook_recursion():
 
 @pytest.fixture(scope="module")
 def fmnist_batches():
-    from adq_hf.data import load_image_dataset, resolve_data_config, image_transforms, collate_images
-    from torch.utils.data import DataLoader
-
-    model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1)
-    ds = load_image_dataset("fashion_mnist", "train").select(range(256))
-    ds.set_transform(image_transforms(resolve_data_config(model, (1, 28, 28)), "none")[1])
-    return list(DataLoader(ds, batch_size=64, collate_fn=collate_images))
+    return fashion_mnist_batches(256, batch_size=64)
 
 
 def _resnet(bits=2, seed=0, **kw):

@@ -15,20 +15,14 @@ from adq_hf import ADQConfig
 from adq_hf.blockwise import capture_inputs, find_blocks, plan_blocks
 from adq_hf.calibration import calibration_batches
 from adq_hf.ptq import PTQInterrupted, _input_groups, quantize
+from conftest import fashion_mnist_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def fmnist_batches():
-    from torch.utils.data import DataLoader
-
-    from adq_hf.data import collate_images, image_transforms, load_image_dataset, resolve_data_config
-
-    model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1)
-    ds = load_image_dataset("fashion_mnist", "train").select(range(64))
-    ds.set_transform(image_transforms(resolve_data_config(model, (1, 28, 28)), "none")[1])
-    return list(DataLoader(ds, batch_size=32, collate_fn=collate_images))
+    return fashion_mnist_batches(64, batch_size=32)
 
 
 def _weights(model):
